@@ -1,0 +1,1 @@
+"""orders: the order microservice of the checkout."""

@@ -1,0 +1,5 @@
+import sys
+
+from orders.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP only: parse, authorise, call the service layer, shape the answer. No SQL here."""

@@ -1,0 +1,161 @@
+"""Order routes. Each reads what it needs in the precedence order of API.md:
+401 (dependency), 413 (reading the body), 403, 404, 400, 422, then the service."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import orjson
+import structlog
+from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi.responses import Response
+
+from orders import service
+from orders.api.openapi import header, json_body, problems
+from orders.body import parse_json, validate
+from orders.deps import CurrentCustomer, Res, ensure_admin, parse_order_id
+from orders.domain.cursor import BadCursor, decode_order_cursor
+from orders.domain.status import OrderStatus
+from orders.errors import IdempotencyKeyMissing, NotFound, ValidationFailed
+from orders.schemas import EventList, Order, OrderCreate, OrderPage, StatusChange
+
+router = APIRouter(prefix="/v1/orders", tags=["orders"])
+
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+IF_MATCH = header("If-Match", 'the order\'s ETag, e.g. "3" (W/"3" and * accepted)')
+
+
+def _order_response(doc: dict[str, Any] | bytes, version: int, status: int = 200, **headers: str) -> Response:
+    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return Response(
+        body, status_code=status, media_type="application/json", headers={"ETag": f'"{version}"', **headers}
+    )
+
+
+def _request_id() -> str | None:
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return None if value is None else str(value)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Order,
+    summary="Place an order",
+    responses=problems(400, 401, 409, 413, 422, 429, 503),
+    openapi_extra={
+        **json_body(OrderCreate),
+        "parameters": [
+            header(
+                "Idempotency-Key",
+                "1 to 255 printable ASCII characters; scoped to the customer, kept 24 h",
+                required=True,
+                pattern=IDEMPOTENCY_KEY_RE.pattern,
+            )
+        ],
+    },
+)
+async def create_order(request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
+    raw_bytes = await request.body()
+    key = request.headers.get("idempotency-key")
+    if key is None or not IDEMPOTENCY_KEY_RE.match(key):
+        raise IdempotencyKeyMissing("an Idempotency-Key header of 1 to 255 printable ASCII characters is required")
+    raw = parse_json(raw_bytes)
+    req = validate(OrderCreate, raw)
+    placed = await service.place_order(res, who, key, raw, req, _request_id())
+    headers = {"Location": f"/v1/orders/{placed.order_id}"}
+    if placed.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if placed.outbox_ids:
+        background.add_task(res.relay.dispatch, placed.outbox_ids)
+    return _order_response(placed.body, placed.version, placed.status, **headers)
+
+
+@router.get(
+    "",
+    response_model=OrderPage,
+    summary="List orders, newest first",
+    responses=problems(401, 422, 503),
+)
+async def list_orders(
+    who: CurrentCustomer,
+    res: Res,
+    status: OrderStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    customer_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+) -> Response:
+    try:
+        before = decode_order_cursor(cursor) if cursor else None
+    except BadCursor:
+        raise ValidationFailed([{"field": "cursor", "message": "malformed cursor", "code": "cursor"}]) from None
+    body = await service.list_orders(
+        res, who, status=status, limit=limit, before=before, customer_id=customer_id
+    )
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.get(
+    "/{order_id}",
+    response_model=Order,
+    summary="One order (owner or staff)",
+    responses=problems(401, 404, 503),
+)
+async def get_order(order_id: str, who: CurrentCustomer, res: Res) -> Response:
+    doc = await service.get_order(res, who, parse_order_id(order_id))
+    return _order_response(doc, doc["version"])
+
+
+@router.get(
+    "/{order_id}/events",
+    response_model=EventList,
+    summary="The order's timeline, oldest first",
+    responses=problems(401, 404, 503),
+)
+async def order_events(order_id: str, who: CurrentCustomer, res: Res) -> Response:
+    items = await service.order_events(res, who, parse_order_id(order_id))
+    return Response(orjson.dumps({"items": items}), media_type="application/json")
+
+
+@router.post(
+    "/{order_id}/cancel",
+    response_model=Order,
+    summary="Cancel a pending or paid order; its stock is released",
+    responses=problems(401, 404, 409, 412, 503),
+    openapi_extra={"parameters": [IF_MATCH]},
+)
+async def cancel_order(order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
+    oid = parse_order_id(order_id)
+    doc, outbox_ids = await service.change_status(
+        res, who, oid, OrderStatus.CANCELLED, request.headers.get("if-match"), _request_id()
+    )
+    if outbox_ids:
+        background.add_task(res.relay.dispatch, outbox_ids)
+    return _order_response(doc, doc["version"])
+
+
+@router.post(
+    "/{order_id}/status",
+    response_model=Order,
+    summary="Change an order's status (staff)",
+    responses=problems(401, 403, 404, 409, 412, 413, 422, 503),
+    openapi_extra={**json_body(StatusChange), "parameters": [IF_MATCH]},
+)
+async def change_status(order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
+    raw_bytes = await request.body()
+    ensure_admin(who)
+    oid = parse_order_id(order_id)
+    try:
+        change = validate(StatusChange, parse_json(raw_bytes))
+    except ValidationFailed:
+        # 404 wins over 422: say "no such order" when there is none.
+        if not await service.visible_order_exists(res, who, oid):
+            raise NotFound("no such order") from None
+        raise
+    doc, outbox_ids = await service.change_status(
+        res, who, oid, change.status, request.headers.get("if-match"), _request_id()
+    )
+    if outbox_ids:
+        background.add_task(res.relay.dispatch, outbox_ids)
+    return _order_response(doc, doc["version"])

@@ -1,0 +1,65 @@
+"""Catalog routes."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from orders import service
+from orders.api.openapi import json_body, problems
+from orders.body import parse_json, validate
+from orders.deps import CurrentCustomer, Res, ensure_admin
+from orders.domain.cursor import BadCursor, decode_sku_cursor
+from orders.errors import NotFound, ValidationFailed
+from orders.schemas import SKU_PATTERN, Product, ProductIn, ProductPage
+
+router = APIRouter(prefix="/v1/products", tags=["catalog"])
+
+_SKU = re.compile(SKU_PATTERN)
+
+
+def _sku(sku: str) -> str:
+    if not _SKU.match(sku):
+        raise NotFound("no such product")
+    return sku
+
+
+@router.get("", response_model=ProductPage, summary="The catalog, by SKU", responses=problems(422, 503))
+async def list_products(
+    res: Res,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> Response:
+    try:
+        after = decode_sku_cursor(cursor) if cursor else None
+    except BadCursor:
+        raise ValidationFailed([{"field": "cursor", "message": "malformed cursor", "code": "cursor"}]) from None
+    page = await service.list_products(res, after, limit)
+    return Response(orjson.dumps(page), media_type="application/json")
+
+
+@router.get("/{sku}", response_model=Product, summary="One product (cached)", responses=problems(404, 503))
+async def get_product(sku: str, res: Res) -> Response:
+    doc = await service.get_product(res, _sku(sku))
+    return Response(orjson.dumps(doc), media_type="application/json")
+
+
+@router.put(
+    "/{sku}",
+    response_model=Product,
+    status_code=200,
+    summary="Create (201) or replace (200) a product (staff)",
+    responses={**problems(401, 403, 404, 413, 422, 503), 201: {"description": "Created", "model": Product}},
+    openapi_extra=json_body(ProductIn),
+)
+async def put_product(sku: str, request: Request, who: CurrentCustomer, res: Res) -> Response:
+    raw_bytes = await request.body()
+    ensure_admin(who)
+    sku = _sku(sku)
+    product = validate(ProductIn, parse_json(raw_bytes))
+    doc, created = await service.put_product(res, sku, product.model_dump())
+    return Response(orjson.dumps(doc), status_code=201 if created else 200, media_type="application/json")

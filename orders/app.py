@@ -1,0 +1,142 @@
+"""create_app(settings): the lifespan, middleware, routers and error handlers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from orders.api import health, orders, products
+from orders.api.openapi import add_schemas
+from orders.body import BodyLimit
+from orders.errors import PROBLEM_BASE, install_handlers
+from orders.observability import RequestContext, configure_logging
+from orders.resources import open_resources
+from orders.schemas import OrderCreate, ProductIn, StatusChange
+from orders.settings import Settings
+
+log = structlog.get_logger("orders.app")
+
+EXPOSED_HEADERS = ["ETag", "Location", "X-Request-ID", "Idempotent-Replayed", "Retry-After"]
+ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "X-Request-ID"]
+
+
+class CatchAll:
+    """Innermost safety net: an unexpected exception becomes a bare 500 problem (the
+    traceback goes to the log, never to the client), inside RequestContext so that it
+    still carries X-Request-ID."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled_error")
+            if started:
+                raise
+            body = orjson.dumps(
+                {"type": PROBLEM_BASE + "internal-error", "title": "Internal server error",
+                 "status": 500, "detail": "an unexpected error occurred"}
+            )
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/problem+json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
+def _watch_sigterm(app: FastAPI) -> Any:
+    """Readiness turns 503 the moment SIGTERM arrives, before the server drains.
+
+    Chains to the server's own handler (uvicorn's), which then stops accepting and
+    drains; lifespan shutdown (below) comes after the in-flight requests finished.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        res = getattr(app.state, "res", None)
+        if res is not None:
+            res.draining.set()
+        log.info("sigterm_received", detail="draining")
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return previous
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()  # type: ignore[call-arg]
+    configure_logging(settings.log_format, settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with open_resources(settings) as res:
+            app.state.res = res
+            previous = _watch_sigterm(app)
+            try:
+                yield {"res": res}
+            finally:
+                res.draining.set()
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+
+    app = FastAPI(
+        title="orders",
+        version="1.0.0",
+        description="Order service of the checkout. Errors are application/problem+json (RFC 9457).",
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    app.include_router(products.router)
+    app.include_router(orders.router)
+    app.include_router(health.router)
+
+    # Outermost last: RequestContext(CORS(BodyLimit(CatchAll(app)))).
+    app.add_middleware(CatchAll)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PUT"],
+            allow_headers=ALLOWED_HEADERS,
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(RequestContext)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = add_schemas(spec, OrderCreate, StatusChange, ProductIn)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,270 @@
+"""Cache-aside in Redis for orders and products: versioned, fail-open, self-healing.
+
+Why it cannot serve stale data for long:
+
+* Every entry is `"<version>|<json>"`, and a tombstone is `"<version>|"`. All writes go
+  through one Lua compare-and-set that never replaces an entry with an older version.
+  A reader that loaded version 1 from PostgreSQL before a cancel committed version 2
+  cannot put version 1 back after the canceller wrote version 2 (or its tombstone): the
+  cache-fill race is closed whatever order the commands reach Redis in, including a
+  command that "timed out" on our side and runs later.
+* After a commit the writer stores the new version (write-through) or a tombstone.
+  When that fails (Redis down, slow, or the circuit open), the key and version are
+  recorded in PostgreSQL (`cache_invalidations`); the relay replays them every second
+  while Redis answers, and this process replays them before it reads from Redis again
+  after an outage. So an entry written before an outage and changed during it is gone
+  within about a second of Redis coming back, on every replica. (The one gap: a
+  process killed between its commit and that record; the entry's TTL bounds it.)
+* Fail-open: every Redis call is bounded by `ORDERS_REDIS_TIMEOUT_S`; after a failure
+  the circuit opens and requests skip Redis entirely for a cool-down, then one probe
+  decides. Redis trouble never fails a request and costs at most one timeout.
+* Stampede protection: concurrent misses of one key in this process share one load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from orders.observability import CACHE_EVENTS
+from orders.settings import Settings
+
+log = structlog.get_logger("orders.cache")
+
+T = TypeVar("T")
+
+# KEYS[1] key; ARGV: version, payload ("" for a tombstone), ttl seconds.
+# Stores unless the current entry is newer, or equally new and not a tombstone being
+# replaced by data (data of version v replaces a tombstone of version v).
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+local v = tonumber(ARGV[1])
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  local cv = tonumber(string.sub(cur, 1, sep - 1))
+  if cv > v then return 0 end
+  if cv == v and (ARGV[2] == '' or sep < string.len(cur)) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+FailureRecorder = Callable[[list[tuple[str, int]]], Awaitable[None]]
+
+
+def order_key(prefix: str, order_id: Any) -> str:
+    return f"{prefix}order:{order_id}"
+
+
+def product_key(prefix: str, sku: str) -> str:
+    return f"{prefix}product:{sku}"
+
+
+class CircuitBreaker:
+    """Closed until a failure; open for `cooldown_s`; then one trial call decides."""
+
+    def __init__(self, cooldown_s: float = 2.0) -> None:
+        self.cooldown_s = cooldown_s
+        self._open_until = 0.0
+        self._trial = False
+        self.was_open = False
+
+    @property
+    def closed(self) -> bool:
+        return self._open_until == 0.0
+
+    def allow(self) -> bool:
+        if self._open_until == 0.0:
+            return True
+        if time.monotonic() < self._open_until or self._trial:
+            return False
+        self._trial = True
+        return True
+
+    def success(self) -> None:
+        self._open_until = 0.0
+        self._trial = False
+
+    def failure(self) -> None:
+        if self._open_until == 0.0:
+            log.warning("redis_circuit_open", cooldown_s=self.cooldown_s)
+        self._open_until = time.monotonic() + self.cooldown_s
+        self._trial = False
+        self.was_open = True
+
+
+class Cache:
+    def __init__(self, redis: Redis | None, settings: Settings) -> None:
+        self.redis = redis
+        self.prefix = settings.cache_prefix
+        self.ttl = settings.cache_ttl_s
+        self.timeout = settings.redis_timeout_s
+        self.breaker = CircuitBreaker()
+        self.record_failure: FailureRecorder | None = None
+        # Set while invalidations recorded during an outage are being replayed:
+        # reads skip Redis until they are.
+        self.replay: Callable[[], Awaitable[None]] | None = None
+        self._replaying = False
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cas = redis.register_script(_CAS) if redis is not None else None
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Cache:
+        if settings.redis_url is None:
+            return cls(None, settings)
+        redis = Redis.from_url(
+            str(settings.redis_url),
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=200,
+            health_check_interval=0,
+        )
+        return cls(redis, settings)
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        """Run one Redis operation under the breaker and the timeout: (ok, result)."""
+        if self.redis is None or not self.breaker.allow():
+            return False, None
+        was_open = not self.breaker.closed
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await fn()
+        except Exception as exc:  # any Redis trouble: fail open
+            self.breaker.failure()
+            log.warning("redis_error", error=type(exc).__name__)
+            return False, None
+        self.breaker.success()
+        if was_open and self.replay is not None and not self._replaying:
+            self._replaying = True  # reads skip Redis from now until the replay is done
+            task = asyncio.get_running_loop().create_task(self._replay_after_outage())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True, result
+
+    async def _replay_after_outage(self) -> None:
+        try:
+            assert self.replay is not None
+            await self.replay()
+        except Exception as exc:
+            log.warning("cache_replay_failed", error=type(exc).__name__)
+        finally:
+            self._replaying = False
+
+    async def ping(self) -> bool:
+        assert self.redis is not None
+        redis = self.redis
+        ok, _ = await self.call(lambda: redis.ping())
+        return ok
+
+    # -- reads -----------------------------------------------------------------
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        if self.redis is None or self._replaying:
+            return None
+        redis = self.redis
+        if not self.breaker.closed:
+            # Coming back from an outage: probe with PING, never trust a GET before
+            # the invalidations recorded meanwhile are replayed.
+            await self.call(lambda: redis.ping())
+            CACHE_EVENTS.labels(result="miss").inc()
+            return None
+        ok, raw = await self.call(lambda: redis.get(key))
+        if not ok or raw is None:
+            CACHE_EVENTS.labels(result="miss").inc()
+            return None
+        _, _, payload = raw.partition(b"|")
+        if not payload:
+            CACHE_EVENTS.labels(result="miss").inc()
+            return None
+        CACHE_EVENTS.labels(result="hit").inc()
+        return orjson.loads(payload)
+
+    async def get_or_load(
+        self, key: str, load: Callable[[], Awaitable[tuple[int, dict[str, Any]] | None]]
+    ) -> dict[str, Any] | None:
+        """Cached value, else `load()` (once per key in this process at a time) and fill."""
+        cached = await self.get(key)
+        if cached is not None:
+            return cached
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            loaded = await load()
+            value = None if loaded is None else loaded[1]
+            future.set_result(value)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it twice
+            raise
+        finally:
+            del self._inflight[key]
+        if loaded is not None:
+            await self.store(key, loaded[0], loaded[1], record=False)
+        return value
+
+    # -- writes ----------------------------------------------------------------
+
+    async def store(self, key: str, version: int, value: dict[str, Any] | None, *, record: bool = True) -> bool:
+        """Compare-and-set `value` (None: a tombstone) at `version`.
+
+        With `record`, a failure is recorded durably for replay (writes after a commit);
+        a cache fill passes record=False: losing a fill loses nothing.
+        """
+        if self._cas is None:
+            return True
+        payload = b"" if value is None else orjson.dumps(value, option=orjson.OPT_UTC_Z)
+        cas = self._cas
+        ok, _ = await self.call(lambda: cas(keys=[key], args=[version, payload, self.ttl]))
+        if not ok and record and self.record_failure is not None:
+            await self.record_failure([(key, version)])
+        return ok
+
+    async def apply_raw(self, entries: list[tuple[str, int]]) -> None:
+        """Tombstones for (key, version) pairs, one pipeline; raises on Redis errors."""
+        assert self.redis is not None and self._cas is not None
+        cas = self._cas
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, version in entries:
+                await cas(keys=[key], args=[version, b"", self.ttl], client=pipe)
+            await pipe.execute()
+
+    async def apply(self, entries: list[tuple[str, int, dict[str, Any] | None]]) -> None:
+        """After a commit: each key to its new version (a value, or None for a tombstone),
+        in one round trip; recorded durably for replay when Redis cannot take it."""
+        if self.redis is None or not entries:
+            return
+        cas = self._cas
+        assert cas is not None
+        redis = self.redis
+
+        async def run() -> None:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key, version, value in entries:
+                    payload = b"" if value is None else orjson.dumps(value, option=orjson.OPT_UTC_Z)
+                    await cas(keys=[key], args=[version, payload, self.ttl], client=pipe)
+                await pipe.execute()
+
+        ok, _ = await self.call(run)
+        if not ok and self.record_failure is not None:
+            await self.record_failure([(key, version) for key, version, _ in entries])

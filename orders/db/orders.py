@@ -1,0 +1,184 @@
+"""Orders, their items and their timeline."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+ORDER_COLUMNS = """
+    o.id, o.customer_id, o.status, o.currency::text AS currency, o.email,
+    o.subtotal, o.total, o.shipping_address, o.version, o.created_at, o.updated_at
+"""
+
+ITEMS_SUBQUERY = """
+    (SELECT jsonb_agg(jsonb_build_object(
+                'sku', i.sku, 'name', i.name, 'quantity', i.quantity,
+                'unit_price', i.unit_price, 'line_total', i.line_total) ORDER BY i.position)
+       FROM order_items i WHERE i.order_id = o.id) AS items
+"""
+
+# Everything a new order writes besides stock, in one statement: the order, its items,
+# its first event, its outbox rows and the idempotency record with the answer to replay.
+INSERT_SQL = """
+WITH new_order AS (
+    INSERT INTO orders (id, customer_id, status, currency, email, subtotal, total,
+                        shipping_address, version, created_at, updated_at)
+    VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, 1, $8, $8)
+), items AS (
+    INSERT INTO order_items (order_id, position, sku, name, quantity, unit_price, line_total)
+    SELECT $1, t.* FROM unnest($9::smallint[], $10::text[], $11::text[], $12::int[],
+                               $13::bigint[], $14::bigint[]) AS t
+), event AS (
+    INSERT INTO order_events (order_id, type, actor, data, at)
+    VALUES ($1, 'order.created', $2, $15, $8)
+), outbox_rows AS (
+    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at)
+    SELECT $1, t.kind, t.topic, t.payload, $8 + make_interval(secs => $16)
+      FROM unnest($17::text[], $18::text[], $19::jsonb[]) AS t(kind, topic, payload)
+    RETURNING id
+), idem AS (
+    INSERT INTO idempotency_keys (customer_id, key, request_hash, status_code, response_body, order_id)
+    VALUES ($2, $20, $21, 201, $22, $1)
+)
+SELECT array_agg(id ORDER BY id) AS outbox_ids FROM outbox_rows
+"""
+
+
+async def insert(
+    conn: asyncpg.Connection,
+    *,
+    order: dict[str, Any],
+    created_at: datetime,
+    event_data: dict[str, Any],
+    outbox: list[tuple[str, str, dict[str, Any]]],
+    relay_delay_s: float,
+    idempotency_key: str,
+    request_hash: bytes,
+    response_body: bytes,
+) -> list[int]:
+    items = order["items"]
+    row = await conn.fetchrow(
+        INSERT_SQL,
+        order["id"], order["customer_id"], order["currency"], order["email"],
+        order["subtotal"], order["total"], order["shipping_address"], created_at,
+        list(range(len(items))), [i["sku"] for i in items], [i["name"] for i in items],
+        [i["quantity"] for i in items], [i["unit_price"] for i in items],
+        [i["line_total"] for i in items],
+        event_data, relay_delay_s,
+        [o[0] for o in outbox], [o[1] for o in outbox], [o[2] for o in outbox],
+        idempotency_key, request_hash, response_body,
+    )
+    assert row is not None
+    return list(row["outbox_ids"] or [])
+
+
+async def get(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o WHERE o.id = $1", order_id
+    )
+
+
+async def get_for_update(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o WHERE o.id = $1 FOR UPDATE OF o",
+        order_id,
+    )
+
+
+async def owner(conn: asyncpg.Connection, order_id: UUID) -> str | None:
+    value = await conn.fetchval("SELECT customer_id FROM orders WHERE id = $1", order_id)
+    return None if value is None else str(value)
+
+
+async def page(
+    conn: asyncpg.Connection,
+    *,
+    customer_id: str | None,
+    status: str | None,
+    before: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Newest first, keyset on (created_at, id): stable while new orders arrive."""
+    return await conn.fetch(
+        f"""
+        SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY}
+          FROM orders o
+         WHERE ($1::text IS NULL OR o.customer_id = $1)
+           AND ($2::text IS NULL OR o.status = $2)
+           AND ($3::timestamptz IS NULL OR (o.created_at, o.id) < ($3, $4::uuid))
+         ORDER BY o.created_at DESC, o.id DESC
+         LIMIT $5
+        """,
+        customer_id, status,
+        before[0] if before else None, before[1] if before else None,
+        limit,
+    )
+
+
+# A status change: the order row (already locked by get_for_update), its event, its
+# outbox rows; `$6` releases the stock when the change is a cancellation.
+CHANGE_SQL = """
+WITH changed AS (
+    UPDATE orders SET status = $2, version = version + 1, updated_at = now()
+     WHERE id = $1
+ RETURNING id, version, updated_at
+), released AS (
+    UPDATE products p
+       SET stock = p.stock + i.quantity, version = p.version + 1, updated_at = now()
+      FROM order_items i
+     WHERE $6 AND i.order_id = $1 AND p.sku = i.sku
+ RETURNING p.sku, p.version
+), event AS (
+    INSERT INTO order_events (order_id, type, actor, data)
+    VALUES ($1, $3, $4, $5)
+), outbox_rows AS (
+    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at)
+    SELECT $1, t.kind, t.topic, t.payload, now() + make_interval(secs => $7)
+      FROM unnest($8::text[], $9::text[], $10::jsonb[]) AS t(kind, topic, payload)
+    RETURNING id
+)
+SELECT c.version, c.updated_at,
+       (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
+       (SELECT jsonb_agg(jsonb_build_array(sku, version)) FROM released) AS released
+  FROM changed c
+"""
+
+
+async def change_status(
+    conn: asyncpg.Connection,
+    order_id: UUID,
+    *,
+    status: str,
+    event_type: str,
+    actor: str,
+    event_data: dict[str, Any],
+    release_stock: bool,
+    outbox: list[tuple[str, str, dict[str, Any]]],
+    relay_delay_s: float,
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        CHANGE_SQL, order_id, status, event_type, actor, event_data, release_stock,
+        relay_delay_s, [o[0] for o in outbox], [o[1] for o in outbox], [o[2] for o in outbox],
+    )
+    assert row is not None
+    return row
+
+
+async def events(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
+    """The owner of the order and its timeline, oldest first (None: no such order)."""
+    return await conn.fetchrow(
+        """
+        SELECT o.customer_id,
+               (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                          'type', e.type,
+                          'at', to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                          'actor', e.actor, 'data', e.data)
+                          ORDER BY e.id), '[]'::jsonb)
+                  FROM order_events e WHERE e.order_id = o.id) AS items
+          FROM orders o WHERE o.id = $1
+        """,
+        order_id,
+    )

@@ -1,0 +1,108 @@
+"""Outbox rows: claimed under a lease, then marked sent (with their side effect) or retried.
+
+A claim sets `claimed_until`; nobody else claims the row until the lease ends. So the
+request's BackgroundTask and the relay of any replica never deliver one row twice
+(while a delivery finishes within the lease, which is far longer than the SMTP timeout).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+ROW = "id, order_id, kind, topic, payload, attempts"
+
+CLAIM_IDS_SQL = f"""
+UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), attempts = attempts + 1
+ WHERE id = ANY($1::bigint[]) AND status = 'pending'
+   AND (claimed_until IS NULL OR claimed_until < now())
+RETURNING {ROW}
+"""
+
+CLAIM_DUE_SQL = f"""
+WITH due AS (
+    SELECT id FROM outbox
+     WHERE status = 'pending' AND next_attempt_at <= now() + make_interval(secs => $3)
+       AND (claimed_until IS NULL OR claimed_until < now())
+     ORDER BY next_attempt_at
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox o SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1
+  FROM due WHERE o.id = due.id
+RETURNING o.{ROW.replace(', ', ', o.')}
+"""
+
+EMAIL_SENT_SQL = """
+WITH done AS (
+    UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
+     WHERE id = $1 AND status = 'pending'
+ RETURNING order_id, topic, payload
+)
+INSERT INTO order_events (order_id, type, actor, data)
+SELECT order_id, 'notification.sent', 'system',
+       jsonb_build_object('channel', 'email', 'topic', topic, 'message_id', payload->>'message_id')
+  FROM done
+"""
+
+AUDIT_SENT_SQL = """
+WITH done AS (
+    UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
+     WHERE id = $1 AND status = 'pending'
+ RETURNING id, order_id, payload, created_at
+)
+INSERT INTO audit_log (outbox_id, order_id, actor, action, before, after, request_id, at)
+SELECT id, order_id, payload->>'actor', payload->>'action', payload->'before', payload->'after',
+       payload->>'request_id', created_at
+  FROM done
+ON CONFLICT (outbox_id) DO NOTHING
+"""
+
+RETRY_SQL = """
+UPDATE outbox
+   SET claimed_until = NULL, last_error = left($2, 500),
+       next_attempt_at = now() + make_interval(secs => $3),
+       status = CASE WHEN $4 THEN 'failed' ELSE 'pending' END
+ WHERE id = $1 AND status = 'pending'
+"""
+
+
+async def claim_ids(conn: asyncpg.Connection, ids: list[int], lease_s: float) -> list[asyncpg.Record]:
+    return await conn.fetch(CLAIM_IDS_SQL, ids, lease_s)
+
+
+async def claim_due(conn: asyncpg.Connection, limit: int, lease_s: float, ahead_s: float = 0.0) -> list[asyncpg.Record]:
+    """Due rows (or due within `ahead_s`, for the flush at shutdown), oldest first."""
+    return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s, ahead_s)
+
+
+async def mark_sent(conn: asyncpg.Connection, row_id: int, kind: str) -> None:
+    await conn.execute(EMAIL_SENT_SQL if kind == "email" else AUDIT_SENT_SQL, row_id)
+
+
+async def mark_retry(conn: asyncpg.Connection, row_id: int, error: str, delay_s: float, give_up: bool) -> None:
+    await conn.execute(RETRY_SQL, row_id, error, delay_s, give_up)
+
+
+async def stats(conn: asyncpg.Connection) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) AS pending,
+               coalesce(extract(epoch FROM now() - min(next_attempt_at)
+                        FILTER (WHERE next_attempt_at <= now())), 0)::float8 AS lag_s
+          FROM outbox WHERE status = 'pending'
+        """
+    )
+    assert row is not None
+    return row
+
+
+async def purge_sent(conn: asyncpg.Connection, older_than_hours: int, batch: int) -> int:
+    result = await conn.execute(
+        """
+        DELETE FROM outbox WHERE id = ANY(ARRAY(
+            SELECT id FROM outbox
+             WHERE status = 'sent' AND sent_at < now() - make_interval(hours => $1) LIMIT $2))
+        """,
+        older_than_hours, batch,
+    )
+    return int(result.split()[-1])

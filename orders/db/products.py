@@ -1,0 +1,80 @@
+"""Catalog queries. Stock only changes through conditional updates: never below zero."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+PRODUCT_COLUMNS = "sku, name, unit_price, currency::text AS currency, stock, version"
+
+
+async def get(conn: asyncpg.Connection, sku: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1", sku)
+
+
+async def page(conn: asyncpg.Connection, after: str | None, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::text IS NULL OR sku > $1) "
+        "ORDER BY sku LIMIT $2",
+        after,
+        limit,
+    )
+
+
+async def upsert(conn: asyncpg.Connection, sku: str, p: dict[str, Any]) -> asyncpg.Record:
+    """Create or replace; `inserted` tells which. Every replacement bumps `version`."""
+    row = await conn.fetchrow(
+        f"""
+        INSERT INTO products AS p (sku, name, unit_price, currency, stock)
+        VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (sku) DO UPDATE
+           SET name = EXCLUDED.name, unit_price = EXCLUDED.unit_price,
+               currency = EXCLUDED.currency, stock = EXCLUDED.stock,
+               version = p.version + 1, updated_at = now()
+        RETURNING {PRODUCT_COLUMNS}, (xmax = 0) AS inserted
+        """,
+        sku, p["name"], p["unit_price"], p["currency"], p["stock"],
+    )
+    assert row is not None
+    return row
+
+
+# Reserve every line at once. SKUs come sorted so that concurrent orders lock product
+# rows in the same order (no deadlock in the usual nested-loop plan; a deadlock that
+# still happens is retried by the service). A line is reserved only when its stock
+# suffices; the caller rolls back unless every line was.
+RESERVE_SQL = """
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::int[]) AS r(sku, qty)
+), upd AS (
+    UPDATE products p
+       SET stock = p.stock - req.qty, version = p.version + 1, updated_at = now()
+      FROM req
+     WHERE p.sku = req.sku AND p.stock >= req.qty
+ RETURNING p.sku, p.name, p.unit_price, p.currency::text AS currency, p.version
+)
+SELECT req.sku, upd.name, upd.unit_price, upd.currency, upd.version,
+       upd.sku IS NOT NULL AS reserved,
+       EXISTS (SELECT 1 FROM products k WHERE k.sku = req.sku) AS known,
+       now() AS now
+  FROM req LEFT JOIN upd ON upd.sku = req.sku
+"""
+
+
+async def reserve(conn: asyncpg.Connection, skus: list[str], quantities: list[int]) -> list[asyncpg.Record]:
+    return await conn.fetch(RESERVE_SQL, skus, quantities)
+
+
+RELEASE_SQL = """
+UPDATE products p
+   SET stock = p.stock + i.quantity, version = p.version + 1, updated_at = now()
+  FROM order_items i
+ WHERE i.order_id = $1 AND p.sku = i.sku
+RETURNING p.sku, p.version
+"""
+
+
+async def release(conn: asyncpg.Connection, order_id: Any) -> list[asyncpg.Record]:
+    """Give back the stock of every line of an order (the caller guarantees once)."""
+    return await conn.fetch(RELEASE_SQL, order_id)

@@ -1,0 +1,50 @@
+"""Dependency aliases for the routes: the lifespan's resources and who is calling."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+import structlog
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from orders.auth import Principal
+from orders.errors import Forbidden, NotFound
+from orders.resources import Resources
+
+_bearer = HTTPBearer(auto_error=False, description="HS256 JWT: `sub` customer id, `exp`, optional `roles`")
+
+
+def get_resources(request: Request) -> Resources:
+    res: Resources = request.state.res
+    return res
+
+
+Res = Annotated[Resources, Depends(get_resources)]
+
+
+async def current_principal(
+    request: Request,
+    res: Res,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    who = res.verifier.verify(request.headers.get("authorization"))
+    structlog.contextvars.bind_contextvars(customer_id=who.customer_id)
+    return who
+
+
+CurrentCustomer = Annotated[Principal, Depends(current_principal)]
+
+
+def ensure_admin(who: Principal) -> None:
+    if not who.is_admin:
+        raise Forbidden("this operation is for staff")
+
+
+def parse_order_id(order_id: str) -> UUID:
+    """A path id that is not a UUID names no order: 404, like any unknown id."""
+    try:
+        return UUID(order_id)
+    except ValueError:
+        raise NotFound("no such order") from None

@@ -1,0 +1,60 @@
+"""Opaque pagination cursors: URL-safe base64 of a small JSON array."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from uuid import UUID
+
+import orjson
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def _encode(value: list[str]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+def _decode(cursor: str) -> list[object]:
+    if len(cursor) > 512:
+        raise BadCursor("cursor too long")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = orjson.loads(raw)
+    except (binascii.Error, ValueError):
+        raise BadCursor("malformed cursor") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadCursor("malformed cursor")
+    return value
+
+
+def encode_order_cursor(created_at: datetime, order_id: UUID) -> str:
+    return _encode([created_at.isoformat(), str(order_id)])
+
+
+def decode_order_cursor(cursor: str) -> tuple[datetime, UUID]:
+    value = _decode(cursor)
+    if len(value) != 2:
+        raise BadCursor("malformed cursor")
+    try:
+        at = datetime.fromisoformat(str(value[0]))
+        order_id = UUID(str(value[1]))
+    except ValueError:
+        raise BadCursor("malformed cursor") from None
+    if at.tzinfo is None:
+        raise BadCursor("malformed cursor")
+    return at, order_id
+
+
+def encode_sku_cursor(sku: str) -> str:
+    return _encode([sku])
+
+
+def decode_sku_cursor(cursor: str) -> str:
+    value = _decode(cursor)
+    if len(value) != 1:
+        raise BadCursor("malformed cursor")
+    return str(value[0])

@@ -1,0 +1,112 @@
+"""The long-lived resources of one process, owned by the ASGI lifespan.
+
+Opened in order (pool, cache, mailer, relay) and closed in reverse. Nothing here is
+created at import time; the app reaches them through `request.state` (see deps.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from orders.auth import TokenVerifier
+from orders.cache import Cache
+from orders.db import invalidations
+from orders.db.migrate import migrate
+from orders.db.pool import CONNECTION_ERRORS, connection, create_pool
+from orders.notify.email import Mailer
+from orders.notify.relay import Relay
+from orders.ratelimit import RateLimiter
+from orders.settings import Settings
+
+log = structlog.get_logger("orders.resources")
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    cache: Cache
+    mailer: Mailer
+    relay: Relay
+    limiter: RateLimiter
+    verifier: TokenVerifier
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _connect_pool(settings: Settings, attempts: int = 30) -> asyncpg.Pool:
+    """The pool, waiting (bounded) for a database that is still starting."""
+    for attempt in range(attempts):
+        try:
+            return await create_pool(settings)
+        except CONNECTION_ERRORS as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("database_not_ready", error=type(exc).__name__, attempt=attempt + 1)
+            await asyncio.sleep(1)
+    raise AssertionError("unreachable")
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+    verifier = TokenVerifier(settings)
+    if settings.migrate_on_start:
+        applied = await migrate(settings.dsn)
+        log.info("migrations_checked", applied=applied)
+    pool = await _connect_pool(settings)
+    cache = Cache.connect(settings)
+    mailer = Mailer(settings)
+    timeout = settings.db_acquire_timeout_s
+
+    async def record_failure(entries: list[tuple[str, int]]) -> None:
+        try:
+            async with connection(pool, timeout) as conn:
+                await invalidations.record(conn, entries)
+        except Exception as exc:  # the TTL bounds what is lost; never fail the request
+            log.warning("cache_invalidation_not_recorded", error=type(exc).__name__)
+
+    async def replay() -> None:
+        if not cache.enabled or not cache.breaker.closed:
+            return
+        async with connection(pool, timeout) as conn:
+            entries = await invalidations.pending(conn, 500)
+        if not entries:
+            return
+        before = len(entries)
+        ok, _ = await cache.call(lambda: cache.apply_raw(entries))
+        if ok:
+            async with connection(pool, timeout) as conn:
+                await invalidations.forget(conn, entries)
+            log.info("cache_invalidations_replayed", count=before)
+
+    cache.record_failure = record_failure
+    cache.replay = replay
+    relay = Relay(pool, mailer, settings, replay_invalidations=replay)
+    res = Resources(
+        settings=settings,
+        pool=pool,
+        cache=cache,
+        mailer=mailer,
+        relay=relay,
+        limiter=RateLimiter(cache, settings.rate_limit_per_minute),
+        verifier=verifier,
+    )
+    relay.start()
+    log.info("started", pool_max=settings.db_pool_max, cache=cache.enabled)
+    try:
+        yield res
+    finally:
+        res.draining.set()
+        await relay.stop(settings.shutdown_grace_s)
+        await mailer.close()
+        await cache.close()
+        try:
+            await asyncio.wait_for(pool.close(), timeout=5)
+        except TimeoutError:
+            pool.terminate()
+        log.info("stopped")

@@ -1,0 +1,171 @@
+"""Request and response bodies of API.md (pydantic). Requests are strict: unknown fields,
+floats for integers, untrimmed-empty strings and oversized values are 422."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
+
+from orders.domain.money import MAX_UNIT_PRICE
+from orders.domain.status import OrderStatus
+
+SKU_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+# ISO 3166-1 alpha-2, officially assigned codes.
+ISO_COUNTRIES = frozenset(
+    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ
+    BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO
+    DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU
+    GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW
+    KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU
+    MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW
+    PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF
+    TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA
+    ZM ZW""".split()
+)
+
+
+def _country(value: str) -> str:
+    code = value.upper()
+    if code not in ISO_COUNTRIES:
+        raise ValueError("must be an ISO 3166-1 alpha-2 country code")
+    return code
+
+
+Text200 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+OptionalText200 = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
+PostalCode = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20)]
+Country = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=2, max_length=2),
+    AfterValidator(_country),
+]
+Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+
+_STRICT = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class ShippingAddress(BaseModel):
+    model_config = _STRICT
+    name: Text200
+    line1: Text200
+    line2: OptionalText200 | None = None
+    city: Text200
+    postal_code: PostalCode
+    country: Country = Field(description="ISO 3166-1 alpha-2, stored uppercase")
+
+    @field_validator("line2")
+    @classmethod
+    def _empty_line2_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+
+class OrderLineIn(BaseModel):
+    model_config = _STRICT
+    sku: Sku
+    quantity: Annotated[StrictInt, Field(ge=1, le=1000)]
+
+
+class OrderCreate(BaseModel):
+    model_config = _STRICT
+    email: Annotated[EmailStr, Field(max_length=254)]
+    items: Annotated[list[OrderLineIn], Field(min_length=1, max_length=100)]
+    shipping_address: ShippingAddress
+
+    @field_validator("items")
+    @classmethod
+    def _unique_skus(cls, items: list[OrderLineIn]) -> list[OrderLineIn]:
+        seen: set[str] = set()
+        for item in items:
+            if item.sku in seen:
+                raise ValueError(f"SKU {item.sku} appears more than once")
+            seen.add(item.sku)
+        return items
+
+
+class StatusChange(BaseModel):
+    model_config = _STRICT
+    status: OrderStatus
+
+
+class ProductIn(BaseModel):
+    model_config = _STRICT
+    name: Text200
+    unit_price: Annotated[StrictInt, Field(ge=0, le=MAX_UNIT_PRICE)]
+    currency: Currency
+    stock: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+
+
+class Product(BaseModel):
+    sku: str
+    name: str
+    unit_price: int
+    currency: str
+    stock: int
+
+
+class ProductPage(BaseModel):
+    items: list[Product]
+    next_cursor: str | None
+
+
+class OrderItem(BaseModel):
+    sku: str
+    name: str
+    quantity: int
+    unit_price: int
+    line_total: int
+
+
+class Order(BaseModel):
+    id: UUID
+    customer_id: str
+    status: OrderStatus
+    currency: str
+    email: str
+    items: list[OrderItem]
+    subtotal: int
+    total: int
+    shipping_address: dict[str, Any]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderPage(BaseModel):
+    items: list[Order]
+    next_cursor: str | None
+
+
+class OrderEvent(BaseModel):
+    type: str
+    at: datetime
+    actor: str
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    items: list[OrderEvent]
+
+
+class Problem(BaseModel):
+    """application/problem+json (RFC 9457)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str

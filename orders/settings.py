@@ -1,0 +1,94 @@
+"""Settings from the environment (ORDERS_ prefix) and an optional `.env` file.
+
+The table of API.md is the contract; the extra knobs below it are operational.
+`Settings()` refuses unsafe values (no database URL, a missing or weak JWT secret)
+unless `dev=True`, which only `orders dev` and the test suite set.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PostgresDsn, RedisDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_JWT_SECRET_BYTES = 32
+WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "jwt-secret"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORDERS_", env_file=".env", extra="ignore")
+
+    database_url: PostgresDsn | None = None
+    db_pool_min: int = Field(5, ge=0, le=500)
+    db_pool_max: int = Field(50, ge=1, le=500)
+    db_acquire_timeout_s: float = Field(2.0, gt=0, le=60)
+    db_statement_timeout_ms: int = Field(5000, ge=0)
+    db_command_timeout_s: float = Field(10.0, gt=0)
+    # 0 turns asyncpg's prepared statement cache off (PgBouncer < 1.21 in transaction mode).
+    db_statement_cache_size: int = Field(1024, ge=0)
+    migrate_on_start: bool = True
+
+    redis_url: RedisDsn | None = None
+    redis_timeout_s: float = Field(0.25, gt=0, le=10)
+    cache_ttl_s: int = Field(300, ge=1)
+    cache_prefix: str = "orders:"
+
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(1025, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_timeout_s: float = Field(10.0, gt=0, le=120)
+    mail_from: str = "orders@example.com"
+
+    jwt_secret: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+
+    cors_origins: str = ""
+    max_body_bytes: int = Field(65536, ge=1024)
+    shutdown_grace_s: float = Field(25.0, ge=0)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    rate_limit_per_minute: int = Field(60, ge=0)
+
+    # Notification relay: how often it polls, how many rows a pass claims, when it gives up.
+    relay_interval_s: float = Field(1.0, gt=0)
+    relay_batch: int = Field(50, ge=1, le=1000)
+    relay_max_attempts: int = Field(10, ge=1)
+    relay_lease_s: float = Field(60.0, gt=0)
+    notify_max_inflight: int = Field(100, ge=1)
+    idempotency_retention_h: int = Field(48, ge=24)
+    outbox_retention_h: int = Field(168, ge=1)
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+
+    dev: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError("ORDERS_DB_POOL_MIN must not exceed ORDERS_DB_POOL_MAX")
+        if self.dev:
+            return self
+        if self.database_url is None:
+            raise ValueError("ORDERS_DATABASE_URL is required (or run `orders dev`)")
+        secret = self.jwt_secret or ""
+        if len(secret.encode()) < MIN_JWT_SECRET_BYTES or secret.lower() in WEAK_SECRETS:
+            raise ValueError(
+                f"ORDERS_JWT_SECRET is required and must be at least {MIN_JWT_SECRET_BYTES} bytes"
+            )
+        return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def dsn(self) -> str:
+        if self.database_url is None:
+            raise RuntimeError("no database configured")
+        return str(self.database_url)
