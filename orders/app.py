@@ -57,12 +57,23 @@ class CatchAll:
             if started:
                 raise
             body = orjson.dumps(
-                {"type": PROBLEM_BASE + "internal-error", "title": "Internal server error",
-                 "status": 500, "detail": "an unexpected error occurred"}
+                {
+                    "type": PROBLEM_BASE + "internal-error",
+                    "title": "Internal server error",
+                    "status": 500,
+                    "detail": "an unexpected error occurred",
+                }
             )
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/problem+json"),
-                                    (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/problem+json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
 
 

@@ -123,9 +123,7 @@ class Unavailable(Problem):
 
 
 def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
-    )
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def validation_errors(raw: list[Any]) -> list[dict[str, Any]]:
@@ -133,7 +131,9 @@ def validation_errors(raw: list[Any]) -> list[dict[str, Any]]:
     out = []
     for err in raw:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        out.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"), "code": err.get("type", "invalid")})
+        out.append(
+            {"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"), "code": err.get("type", "invalid")}
+        )
     return out
 
 

@@ -18,9 +18,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUESTS = Counter(
-    "orders_http_requests_total", "HTTP requests", ["method", "route", "status"]
-)
+REQUESTS = Counter("orders_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
     "orders_http_request_duration_seconds",
     "HTTP request latency",

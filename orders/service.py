@@ -85,7 +85,13 @@ async def place_order(
                 claim = await idempotency.claim(conn, who.customer_id, key, skus)
                 if claim["currencies"] > 1:
                     raise ValidationFailed(
-                        [{"field": "items", "message": "all SKUs of an order must share one currency", "code": "mixed_currency"}]
+                        [
+                            {
+                                "field": "items",
+                                "message": "all SKUs of an order must share one currency",
+                                "code": "mixed_currency",
+                            }
+                        ]
                     )
                 await res.limiter.check(who.customer_id)
                 if not claim["locked"]:
@@ -136,7 +142,13 @@ async def _reserve_and_write(
         raise UnknownSku("some SKUs are not in the catalog", skus=unknown)
     by_sku = {r["sku"]: r for r in rows}
     priced = [
-        PricedLine(line.sku, by_sku[line.sku]["name"], line.quantity, by_sku[line.sku]["unit_price"], by_sku[line.sku]["currency"])
+        PricedLine(
+            line.sku,
+            by_sku[line.sku]["name"],
+            line.quantity,
+            by_sku[line.sku]["unit_price"],
+            by_sku[line.sku]["currency"],
+        )
         for line in req.items  # the client's order of lines
     ]
     totals = order_totals(priced)
@@ -149,7 +161,13 @@ async def _reserve_and_write(
         "currency": totals.currency,
         "email": str(req.email),
         "items": [
-            {"sku": p.sku, "name": p.name, "quantity": p.quantity, "unit_price": p.unit_price, "line_total": p.line_total}
+            {
+                "sku": p.sku,
+                "name": p.name,
+                "quantity": p.quantity,
+                "unit_price": p.unit_price,
+                "line_total": p.line_total,
+            }
             for p in priced
         ],
         "subtotal": totals.subtotal,

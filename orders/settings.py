@@ -78,9 +78,7 @@ class Settings(BaseSettings):
             raise ValueError("ORDERS_DATABASE_URL is required (or run `orders dev`)")
         secret = self.jwt_secret or ""
         if len(secret.encode()) < MIN_JWT_SECRET_BYTES or secret.lower() in WEAK_SECRETS:
-            raise ValueError(
-                f"ORDERS_JWT_SECRET is required and must be at least {MIN_JWT_SECRET_BYTES} bytes"
-            )
+            raise ValueError(f"ORDERS_JWT_SECRET is required and must be at least {MIN_JWT_SECRET_BYTES} bytes")
         return self
 
     @property

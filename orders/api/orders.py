@@ -90,9 +90,7 @@ async def list_orders(
         before = decode_order_cursor(cursor) if cursor else None
     except BadCursor:
         raise ValidationFailed([{"field": "cursor", "message": "malformed cursor", "code": "cursor"}]) from None
-    body = await service.list_orders(
-        res, who, status=status, limit=limit, before=before, customer_id=customer_id
-    )
+    body = await service.list_orders(res, who, status=status, limit=limit, before=before, customer_id=customer_id)
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -125,7 +123,9 @@ async def order_events(order_id: str, who: CurrentCustomer, res: Res) -> Respons
     responses=problems(401, 404, 409, 412, 503),
     openapi_extra={"parameters": [IF_MATCH]},
 )
-async def cancel_order(order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
+async def cancel_order(
+    order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res
+) -> Response:
     oid = parse_order_id(order_id)
     doc, outbox_ids = await service.change_status(
         res, who, oid, OrderStatus.CANCELLED, request.headers.get("if-match"), _request_id()
@@ -142,7 +142,9 @@ async def cancel_order(order_id: str, request: Request, background: BackgroundTa
     responses=problems(401, 403, 404, 409, 412, 413, 422, 503),
     openapi_extra={**json_body(StatusChange), "parameters": [IF_MATCH]},
 )
-async def change_status(order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
+async def change_status(
+    order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res
+) -> Response:
     raw_bytes = await request.body()
     ensure_admin(who)
     oid = parse_order_id(order_id)

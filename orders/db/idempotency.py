@@ -28,9 +28,9 @@ async def claim(conn: asyncpg.Connection, customer_id: str, key: str, skus: list
 
 async def lookup(conn: asyncpg.Connection, customer_id: str, key: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT request_hash, status_code, response_body FROM idempotency_keys "
-        "WHERE customer_id = $1 AND key = $2",
-        customer_id, key,
+        "SELECT request_hash, status_code, response_body FROM idempotency_keys WHERE customer_id = $1 AND key = $2",
+        customer_id,
+        key,
     )
 
 
@@ -41,6 +41,7 @@ async def purge(conn: asyncpg.Connection, older_than_hours: int, batch: int) -> 
             SELECT ctid FROM idempotency_keys
              WHERE created_at < now() - make_interval(hours => $1) LIMIT $2))
         """,
-        older_than_hours, batch,
+        older_than_hours,
+        batch,
     )
     return int(result.split()[-1])

@@ -12,7 +12,8 @@ async def record(conn: asyncpg.Connection, entries: list[tuple[str, int]]) -> No
         SELECT * FROM unnest($1::text[], $2::bigint[])
         ON CONFLICT (key) DO UPDATE SET version = greatest(c.version, EXCLUDED.version)
         """,
-        [k for k, _ in entries], [v for _, v in entries],
+        [k for k, _ in entries],
+        [v for _, v in entries],
     )
 
 
@@ -29,5 +30,6 @@ async def forget(conn: asyncpg.Connection, entries: list[tuple[str, int]]) -> No
          USING unnest($1::text[], $2::bigint[]) AS d(key, version)
          WHERE c.key = d.key AND c.version <= d.version
         """,
-        [k for k, _ in entries], [v for _, v in entries],
+        [k for k, _ in entries],
+        [v for _, v in entries],
     )

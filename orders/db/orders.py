@@ -62,23 +62,35 @@ async def insert(
     items = order["items"]
     row = await conn.fetchrow(
         INSERT_SQL,
-        order["id"], order["customer_id"], order["currency"], order["email"],
-        order["subtotal"], order["total"], order["shipping_address"], created_at,
-        list(range(len(items))), [i["sku"] for i in items], [i["name"] for i in items],
-        [i["quantity"] for i in items], [i["unit_price"] for i in items],
+        order["id"],
+        order["customer_id"],
+        order["currency"],
+        order["email"],
+        order["subtotal"],
+        order["total"],
+        order["shipping_address"],
+        created_at,
+        list(range(len(items))),
+        [i["sku"] for i in items],
+        [i["name"] for i in items],
+        [i["quantity"] for i in items],
+        [i["unit_price"] for i in items],
         [i["line_total"] for i in items],
-        event_data, relay_delay_s,
-        [o[0] for o in outbox], [o[1] for o in outbox], [o[2] for o in outbox],
-        idempotency_key, request_hash, response_body,
+        event_data,
+        relay_delay_s,
+        [o[0] for o in outbox],
+        [o[1] for o in outbox],
+        [o[2] for o in outbox],
+        idempotency_key,
+        request_hash,
+        response_body,
     )
     assert row is not None
     return list(row["outbox_ids"] or [])
 
 
 async def get(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o WHERE o.id = $1", order_id
-    )
+    return await conn.fetchrow(f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o WHERE o.id = $1", order_id)
 
 
 async def get_for_update(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
@@ -112,8 +124,10 @@ async def page(
          ORDER BY o.created_at DESC, o.id DESC
          LIMIT $5
         """,
-        customer_id, status,
-        before[0] if before else None, before[1] if before else None,
+        customer_id,
+        status,
+        before[0] if before else None,
+        before[1] if before else None,
         limit,
     )
 
@@ -160,8 +174,17 @@ async def change_status(
     relay_delay_s: float,
 ) -> asyncpg.Record:
     row = await conn.fetchrow(
-        CHANGE_SQL, order_id, status, event_type, actor, event_data, release_stock,
-        relay_delay_s, [o[0] for o in outbox], [o[1] for o in outbox], [o[2] for o in outbox],
+        CHANGE_SQL,
+        order_id,
+        status,
+        event_type,
+        actor,
+        event_data,
+        release_stock,
+        relay_delay_s,
+        [o[0] for o in outbox],
+        [o[1] for o in outbox],
+        [o[2] for o in outbox],
     )
     assert row is not None
     return row

@@ -29,7 +29,7 @@ WITH due AS (
 )
 UPDATE outbox o SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1
   FROM due WHERE o.id = due.id
-RETURNING o.{ROW.replace(', ', ', o.')}
+RETURNING o.{ROW.replace(", ", ", o.")}
 """
 
 EMAIL_SENT_SQL = """
@@ -103,6 +103,7 @@ async def purge_sent(conn: asyncpg.Connection, older_than_hours: int, batch: int
             SELECT id FROM outbox
              WHERE status = 'sent' AND sent_at < now() - make_interval(hours => $1) LIMIT $2))
         """,
-        older_than_hours, batch,
+        older_than_hours,
+        batch,
     )
     return int(result.split()[-1])

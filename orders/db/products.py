@@ -15,8 +15,7 @@ async def get(conn: asyncpg.Connection, sku: str) -> asyncpg.Record | None:
 
 async def page(conn: asyncpg.Connection, after: str | None, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        f"SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::text IS NULL OR sku > $1) "
-        "ORDER BY sku LIMIT $2",
+        f"SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::text IS NULL OR sku > $1) ORDER BY sku LIMIT $2",
         after,
         limit,
     )
@@ -34,7 +33,11 @@ async def upsert(conn: asyncpg.Connection, sku: str, p: dict[str, Any]) -> async
                version = p.version + 1, updated_at = now()
         RETURNING {PRODUCT_COLUMNS}, (xmax = 0) AS inserted
         """,
-        sku, p["name"], p["unit_price"], p["currency"], p["stock"],
+        sku,
+        p["name"],
+        p["unit_price"],
+        p["currency"],
+        p["stock"],
     )
     assert row is not None
     return row

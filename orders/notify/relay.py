@@ -122,8 +122,12 @@ class Relay:
         NOTIFICATIONS_FAILED.labels(row["kind"], str(give_up).lower()).inc()
         error = f"{type(exc).__name__}: {exc}"[:500]
         (log.error if give_up else log.warning)(
-            "notification_failed", kind=row["kind"], attempts=row["attempts"], gave_up=give_up,
-            retry_in_s=None if give_up else round(delay, 1), error=type(exc).__name__,
+            "notification_failed",
+            kind=row["kind"],
+            attempts=row["attempts"],
+            gave_up=give_up,
+            retry_in_s=None if give_up else round(delay, 1),
+            error=type(exc).__name__,
         )
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:

