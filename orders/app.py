@@ -90,7 +90,7 @@ def _watch_sigterm(app: FastAPI) -> Any:
     def on_sigterm(signum: int, frame: Any) -> None:
         res = getattr(app.state, "res", None)
         if res is not None:
-            res.draining.set()
+            res.start_draining()
         log.info("sigterm_received", detail="draining")
         if callable(previous):
             previous(signum, frame)
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 yield {"res": res}
             finally:
-                res.draining.set()
+                res.start_draining()
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
 

@@ -7,6 +7,7 @@ created at import time; the app reaches them through `request.state` (see deps.p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ class Resources:
     limiter: RateLimiter
     verifier: TokenVerifier
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    # When SIGTERM arrived (time.monotonic()): the shutdown grace counts from there.
+    sigterm_at: float | None = None
+
+    def start_draining(self) -> None:
+        if self.sigterm_at is None:
+            self.sigterm_at = time.monotonic()
+        self.draining.set()
 
 
 async def _connect_pool(settings: Settings, attempts: int = 30) -> asyncpg.Pool:
@@ -101,8 +109,10 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     try:
         yield res
     finally:
-        res.draining.set()
-        await relay.stop(settings.shutdown_grace_s)
+        res.start_draining()
+        # ORDERS_SHUTDOWN_GRACE_S counts from SIGTERM: uvicorn's drain used part of it.
+        assert res.sigterm_at is not None
+        await relay.stop(res.sigterm_at + settings.shutdown_grace_s)
         await mailer.close()
         await cache.close()
         try:

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     relay_batch: int = Field(50, ge=1, le=1000)
     relay_max_attempts: int = Field(10, ge=1)
     relay_lease_s: float = Field(60.0, gt=0)
+    relay_backoff_max_s: float = Field(300.0, gt=0)
     notify_max_inflight: int = Field(100, ge=1)
     idempotency_retention_h: int = Field(48, ge=24)
     outbox_retention_h: int = Field(168, ge=1)

@@ -29,6 +29,7 @@ from asgi_lifespan import LifespanManager
 
 from orders.app import create_app
 from orders.auth import mint
+from orders.db.pool import init_connection
 from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink
 from orders.settings import Settings
 
@@ -83,6 +84,33 @@ def database_url(pg_admin_dsn: str) -> Iterator[str]:
     asyncio.run(run(f'CREATE DATABASE "{name}"'))
     yield _with_db(pg_admin_dsn, name)
     asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def isolated_db(pg_admin_dsn: str) -> Iterator[str]:
+    """A database of its own, for tests whose relays must not share outbox rows with the
+    session's app (other SMTP targets, several instances, crashes)."""
+    name = f"orders_iso_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_admin_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    yield _with_db(pg_admin_dsn, name)
+    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def isolated_pool(isolated_db: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on `isolated_db` for assertions (after an app has migrated it)."""
+    pool = await asyncpg.create_pool(isolated_db, min_size=0, max_size=3, init=init_connection)
+    assert pool is not None
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +189,7 @@ async def client(make_settings: Any) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="session")
 async def db(database_url: str, client: httpx.AsyncClient) -> AsyncIterator[asyncpg.Pool]:
     """A separate pool for assertions on what the service wrote (schema migrated by `client`)."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5, init=init_connection)
     assert pool is not None
     yield pool
     await pool.close()

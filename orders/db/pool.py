@@ -24,7 +24,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -46,7 +46,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         command_timeout=settings.db_command_timeout_s,
         statement_cache_size=settings.db_statement_cache_size,
         max_inactive_connection_lifetime=60.0,
-        init=_init_connection,
+        init=init_connection,
         server_settings=server_settings,
     )
     assert pool is not None

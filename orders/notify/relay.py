@@ -55,7 +55,6 @@ class Relay:
         self.mailer = mailer
         self.settings = settings
         self.replay_invalidations = replay_invalidations
-        self.backoff_cap_s = 300.0
         self._inflight: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -118,7 +117,7 @@ class Relay:
 
     async def _failed(self, row: asyncpg.Record, exc: Exception) -> None:
         give_up = row["attempts"] >= self.settings.relay_max_attempts
-        delay = backoff(row["attempts"], self.backoff_cap_s)
+        delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
         NOTIFICATIONS_FAILED.labels(row["kind"], str(give_up).lower()).inc()
         error = f"{type(exc).__name__}: {exc}"[:500]
         (log.error if give_up else log.warning)(
@@ -169,9 +168,9 @@ class Relay:
             await self.replay_invalidations()
         return len(rows), delivered
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop the loop; finish in-flight deliveries and flush within `grace_s`."""
-        deadline = time.monotonic() + grace_s
+    async def stop(self, deadline: float) -> None:
+        """Stop the loop; finish in-flight deliveries and flush until `deadline`
+        (time.monotonic()); what is left stays pending for the next replica."""
         self._stopping.set()
         if self._loop_task is not None:
             try:

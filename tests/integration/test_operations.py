@@ -1,0 +1,82 @@
+"""Health, readiness, metrics, OpenAPI and the request id (API.md, Operations)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from tests.conftest import auth, make_product, place, running_app
+
+
+async def test_healthz_and_readyz(client):
+    r = await client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "postgres": "ok", "redis": "ok"}
+
+
+async def test_readyz_without_redis_is_disabled_not_unready(make_settings):
+    async with running_app(make_settings(redis_url=None)) as c:
+        r = await c.get("/readyz")
+        assert r.status_code == 200 and r.json()["redis"] == "disabled"
+        sku = await make_product(c)
+        assert (await place(c, "cust-noredis", (sku, 1))).status_code == 201
+
+
+async def test_sigterm_turns_readiness_503_at_once_and_liveness_stays_200(make_settings):
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # stands in for uvicorn's
+    try:
+        async with running_app(make_settings()) as c:
+            assert (await c.get("/readyz")).status_code == 200
+            os.kill(os.getpid(), signal.SIGTERM)
+            r = await c.get("/readyz")
+            assert r.status_code == 503
+            assert r.headers["content-type"] == "application/problem+json" and "retry-after" in r.headers
+            assert r.json()["detail"] == "draining"
+            assert (await c.get("/healthz")).status_code == 200
+            assert calls == [signal.SIGTERM], "the server's own handler still runs (it drains)"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def test_metrics_expose_the_promised_series(client):
+    sku = await make_product(client)
+    oid = (await place(client, "cust-metrics", (sku, 1))).json()["id"]
+    await client.get(f"/v1/orders/{oid}", headers=auth("cust-metrics"))
+    await client.get("/v1/products/NOT-CACHED-ANYWHERE")  # a miss
+    text = (await client.get("/metrics")).text
+    for series in (
+        'orders_http_requests_total{method="POST",route="/v1/orders",status="201"}',
+        'orders_http_request_duration_seconds_bucket{le="0.05",method="GET",route="/v1/orders/{order_id}",status="200"}',
+        "orders_db_pool_size", "orders_db_pool_in_use",
+        'orders_cache_requests_total{result="hit"}', 'orders_cache_requests_total{result="miss"}',
+        "orders_notifications_pending", "orders_notifications_sent_total", "orders_relay_lag_seconds",
+    ):
+        assert series in text, series
+
+
+async def test_every_response_carries_a_request_id(client):
+    for method, path in [("GET", "/healthz"), ("GET", "/v1/products/nope"), ("POST", "/v1/orders"), ("GET", "/nowhere")]:
+        r = await client.request(method, path)
+        assert r.headers.get("x-request-id"), (method, path)
+    r = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+async def test_unknown_routes_and_methods_are_problems(client):
+    r = await client.get("/nowhere")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    r = await client.delete("/v1/orders")
+    assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
+
+
+async def test_openapi_documents_bodies_and_problems(client):
+    spec = (await client.get("/openapi.json")).json()
+    post = spec["paths"]["/v1/orders"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/OrderCreate"
+    assert "application/problem+json" in post["responses"]["409"]["content"]
+    assert {"OrderCreate", "StatusChange", "ProductIn", "Problem", "Order"} <= set(spec["components"]["schemas"])
+    assert any(p["name"] == "Idempotency-Key" for p in post["parameters"])
+    assert (await client.get("/docs")).status_code == 200
