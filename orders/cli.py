@@ -103,11 +103,11 @@ def dev(port: int) -> int:
     stack: list[EmbeddedPostgres | EmbeddedRedis | SmtpSink] = []
     try:
         if not os.environ.get("ORDERS_DATABASE_URL"):
-            pg = EmbeddedPostgres(root, port=55432)
+            pg = EmbeddedPostgres(root, port=int(os.environ.get("ORDERS_DEV_PG_PORT", "55432")))
             os.environ["ORDERS_DATABASE_URL"] = pg.start()
             stack.append(pg)
         if not os.environ.get("ORDERS_REDIS_URL"):
-            redis = EmbeddedRedis(root, port=56379)
+            redis = EmbeddedRedis(root, port=int(os.environ.get("ORDERS_DEV_REDIS_PORT", "56379")))
             os.environ["ORDERS_REDIS_URL"] = redis.start()
             stack.append(redis)
         if not os.environ.get("ORDERS_SMTP_HOST"):

@@ -80,3 +80,20 @@ async def test_openapi_documents_bodies_and_problems(client):
     assert {"OrderCreate", "StatusChange", "ProductIn", "Problem", "Order"} <= set(spec["components"]["schemas"])
     assert any(p["name"] == "Idempotency-Key" for p in post["parameters"])
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_pool_exhaustion_answers_503_within_the_acquire_timeout(make_settings):
+    import time
+
+    async with running_app(make_settings(db_pool_min=1, db_pool_max=1, db_acquire_timeout_s=0.3)) as c:
+        sku = await make_product(c)
+        pool = c.app.state.res.pool
+        async with pool.acquire():  # the only connection is taken
+            start = time.monotonic()
+            r = await place(c, "cust-pool", (sku, 1))
+            took = time.monotonic() - start
+            assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+            assert r.json()["type"].endswith("/unavailable") and int(r.headers["retry-after"]) >= 1
+            assert took < 2
+        r = await place(c, "cust-pool", (sku, 1))
+        assert r.status_code == 201

@@ -1,0 +1,66 @@
+"""`orders dev` (what `make run` calls) on a machine where no ORDERS_* variable is set."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from orders.devservers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
+    http_port, pg_port, redis_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    env.update(ORDERS_DEV_DIR=str(tmp_path / ".dev"), ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port))
+    log = (tmp_path / "dev.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "orders", "dev", "--port", str(http_port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        ready = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        output = (tmp_path / "dev.log").read_text()
+        assert ready is not None and ready.status_code == 200, output[-3000:]
+        assert ready.json() == {"status": "ready", "postgres": "ok", "redis": "ok"}
+        catalog = httpx.get(f"http://127.0.0.1:{http_port}/v1/products?limit=100").json()
+        assert {"MUG-001", "TSHIRT-M", "TOTE-BAG"} <= {p["sku"] for p in catalog["items"]}
+        assert "customer token" in output and "admin token" in output
+        token = output.split("customer token (sub=demo-customer):")[1].split()[0]
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/orders",
+                       headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "dev-1"},
+                       json={"email": "a@example.com", "items": [{"sku": "MUG-001", "quantity": 1}],
+                             "shipping_address": {"name": "A", "line1": "1 St", "city": "X", "postal_code": "1", "country": "US"}})
+        assert r.status_code == 201, r.text
+        assert _listening(pg_port) and _listening(redis_port)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=60)
+        assert not _listening(http_port) and not _listening(pg_port) and not _listening(redis_port)
+        assert "Traceback" not in (tmp_path / "dev.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

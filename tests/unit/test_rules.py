@@ -1,0 +1,79 @@
+"""Pure rules: settings guards, If-Match, email rendering, money formatting."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from orders.notify.email import money, render
+from orders.notify.outbox import email_row, message_id
+from orders.service import _if_match_ok, request_fingerprint
+from orders.settings import Settings
+
+STRONG = "s" * 40
+
+
+@pytest.mark.parametrize("secret", [None, "", "secret", "short-secret", "change-me"])
+def test_settings_refuse_missing_or_weak_jwt_secret(secret):
+    with pytest.raises(ValidationError, match="ORDERS_JWT_SECRET"):
+        Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=secret)
+
+
+def test_settings_require_a_database_outside_dev():
+    with pytest.raises(ValidationError, match="ORDERS_DATABASE_URL"):
+        Settings(_env_file=None, jwt_secret=STRONG)
+    assert Settings(_env_file=None, dev=True).database_url is None
+
+
+def test_settings_defaults_follow_the_contract():
+    s = Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG)
+    assert (s.db_pool_min, s.db_pool_max, s.db_acquire_timeout_s) == (5, 50, 2)
+    assert (s.cache_ttl_s, s.smtp_host, s.smtp_port, s.smtp_starttls) == (300, "localhost", 1025, False)
+    assert (s.mail_from, s.max_body_bytes, s.shutdown_grace_s) == ("orders@example.com", 65536, 25)
+    assert (s.log_format, s.log_level, s.rate_limit_per_minute, s.migrate_on_start) == ("json", "info", 60, True)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG, db_pool_min=9, db_pool_max=3)
+
+
+def test_cors_origins_are_a_comma_separated_list():
+    s = Settings(_env_file=None, dev=True, cors_origins=" https://shop.example , https://m.shop.example,")
+    assert s.cors_origin_list == ["https://shop.example", "https://m.shop.example"]
+
+
+@pytest.mark.parametrize(
+    ("header", "version", "ok"),
+    [
+        (None, 3, True), ('"3"', 3, True), ('W/"3"', 3, True), ("*", 3, True),
+        ('"2", "3"', 3, True), ('"2"', 3, False), ("3", 3, False), ('W/"4"', 3, False), ("", 3, False),
+    ],
+)
+def test_if_match(header, version, ok):
+    assert _if_match_ok(header, version) is ok
+
+
+def test_request_fingerprint_ignores_key_order_not_values():
+    assert request_fingerprint({"a": 1, "b": [1, 2]}) == request_fingerprint({"b": [1, 2], "a": 1})
+    assert request_fingerprint({"a": 1}) != request_fingerprint({"a": 2})
+    assert request_fingerprint({"b": [1, 2]}) != request_fingerprint({"b": [2, 1]})
+
+
+def test_money_formatting():
+    assert money(2598, "USD") == "25.98 USD" and money(5, "EUR") == "0.05 EUR" and money(0, "JPY") == "0.00 JPY"
+
+
+def test_email_rendering_escapes_html_and_carries_the_message_id():
+    order = {
+        "id": "0b6f4b8e-0000-4000-8000-000000000001", "email": "a@example.com", "status": "pending",
+        "currency": "USD", "subtotal": 2598, "total": 2598,
+        "items": [{"sku": "MUG-1", "name": "<b>Mug</b>", "quantity": 2, "unit_price": 1299, "line_total": 2598}],
+        "shipping_address": {"name": "Ada"},
+    }
+    kind, topic, payload = email_row(order, "created", "req-1")
+    assert (kind, topic) == ("email", "order.created")
+    msg = render(payload, "orders@example.com")
+    assert msg["Message-ID"] == message_id(order["id"], "created") == f"<order-{order['id']}.created@orders>"
+    assert msg["To"] == "a@example.com"
+    text = msg.get_body(("plain",)).get_content()
+    assert order["id"] in text and "25.98 USD" in text and "Hello Ada" in text
+    html = msg.get_body(("html",)).get_content()
+    assert "&lt;b&gt;Mug&lt;/b&gt;" in html and "<b>Mug</b>" not in html
