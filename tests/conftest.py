@@ -17,7 +17,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -70,38 +70,37 @@ def _with_db(dsn: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-@pytest.fixture(scope="session")
-def database_url(pg_admin_dsn: str) -> Iterator[str]:
-    name = f"orders_test_{os.getpid()}_{secrets.token_hex(3)}"
+@contextmanager
+def fresh_database(admin_dsn: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of `admin_dsn`, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
 
     async def run(sql: str) -> None:
-        conn = await asyncpg.connect(pg_admin_dsn, timeout=10)
+        conn = await asyncpg.connect(admin_dsn, timeout=10)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
     asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    yield _with_db(pg_admin_dsn, name)
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield _with_db(admin_dsn, name)
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_admin_dsn: str) -> Iterator[str]:
+    with fresh_database(pg_admin_dsn, "orders_test") as url:
+        yield url
 
 
 @pytest.fixture
 def isolated_db(pg_admin_dsn: str) -> Iterator[str]:
     """A database of its own, for tests whose relays must not share outbox rows with the
     session's app (other SMTP targets, several instances, crashes)."""
-    name = f"orders_iso_{os.getpid()}_{secrets.token_hex(3)}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(pg_admin_dsn, timeout=10)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    yield _with_db(pg_admin_dsn, name)
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(pg_admin_dsn, "orders_iso") as url:
+        yield url
 
 
 @pytest.fixture
