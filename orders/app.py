@@ -12,12 +12,12 @@ import orjson
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orders.api import health, orders, products
 from orders.api.openapi import add_schemas
 from orders.body import BodyLimit
+from orders.cors import ProblemCORSMiddleware
 from orders.errors import PROBLEM_BASE, install_handlers
 from orders.observability import RequestContext, configure_logging
 from orders.resources import open_resources
@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origin_list:
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "PUT"],
             allow_headers=ALLOWED_HEADERS,

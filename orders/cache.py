@@ -18,7 +18,10 @@ Why it cannot serve stale data for long:
 * Fail-open: every Redis call is bounded by `ORDERS_REDIS_TIMEOUT_S`; after a failure
   the circuit opens and requests skip Redis entirely for a cool-down, then one probe
   decides. Redis trouble never fails a request and costs at most one timeout.
-* Stampede protection: concurrent misses of one key in this process share one load.
+* Stampede protection: concurrent misses of one key in this process share one load,
+  but never across a write: a post-commit write of a key detaches the load in flight,
+  so a read that starts after the change loads again rather than joining a load that
+  may have read the old row (with Redis down that load would be all it gets).
 """
 
 from __future__ import annotations
@@ -93,6 +96,11 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._trial = False
 
+    def abandon(self) -> None:
+        """The call was cancelled (its request went away): neither success nor failure.
+        A probe that ends so must not keep the breaker from ever probing again."""
+        self._trial = False
+
     def failure(self) -> None:
         if self._open_until == 0.0:
             log.warning("redis_circuit_open", cooldown_s=self.cooldown_s)
@@ -151,6 +159,9 @@ class Cache:
             self.breaker.failure()
             log.warning("redis_error", error=type(exc).__name__)
             return False, None
+        except BaseException:  # cancelled from outside: release the probe, if it was one
+            self.breaker.abandon()
+            raise
         self.breaker.success()
         if was_open and self.replay is not None and not self._replaying:
             self._replaying = True  # reads skip Redis from now until the replay is done
@@ -218,12 +229,19 @@ class Cache:
             future.exception()  # retrieved: waiters re-raise it, nobody logs it twice
             raise
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is future:  # not detached by a write meanwhile
+                del self._inflight[key]
         if loaded is not None:
             await self.store(key, loaded[0], loaded[1], record=False)
         return value
 
     # -- writes ----------------------------------------------------------------
+
+    def _detach_loads(self, keys: list[str]) -> None:
+        """After a commit: loads of these keys in flight may hold the old row; readers
+        that come from now on start a load of their own instead of joining them."""
+        for key in keys:
+            self._inflight.pop(key, None)
 
     async def store(self, key: str, version: int, value: dict[str, Any] | None, *, record: bool = True) -> bool:
         """Compare-and-set `value` (None: a tombstone) at `version`.
@@ -231,6 +249,8 @@ class Cache:
         With `record`, a failure is recorded durably for replay (writes after a commit);
         a cache fill passes record=False: losing a fill loses nothing.
         """
+        if record:
+            self._detach_loads([key])
         if self._cas is None:
             return True
         payload = b"" if value is None else orjson.dumps(value, option=orjson.OPT_UTC_Z)
@@ -252,6 +272,7 @@ class Cache:
     async def apply(self, entries: list[tuple[str, int, dict[str, Any] | None]]) -> None:
         """After a commit: each key to its new version (a value, or None for a tombstone),
         in one round trip; recorded durably for replay when Redis cannot take it."""
+        self._detach_loads([key for key, _, _ in entries])
         if self.redis is None or not entries:
             return
         cas = self._cas

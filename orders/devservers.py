@@ -65,7 +65,7 @@ from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 log = logging.getLogger(__name__)
 
@@ -457,23 +457,26 @@ class EmbeddedPostgres(_PortMixin):
             return self.dsn
         raise AssertionError("unreachable")
 
-    def stop(self) -> None:
-        """Fast shutdown, bounded; no-op if not running.
+    def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """Shutdown, bounded; no-op if not running.
 
-        SIGINT (what `pg_ctl stop -m fast` sends), then after a third of
+        "fast": SIGINT (what `pg_ctl stop -m fast` sends), then after a third of
         `stop_timeout` SIGQUIT (immediate shutdown), then SIGKILL.
+        "immediate": SIGQUIT at once (`pg_ctl stop -m immediate`: no checkpoint, the
+        backends drop their connections; the next start runs crash recovery), then
+        SIGKILL. For fault tests: `start()` afterwards brings the same cluster back
+        on the same port.
         """
         pid = _read_pid(self.data / "postmaster.pid")
         if pid is not None and _process_matches(pid, self._cmdline_needle):
-            # Fast, then immediate shutdown, then SIGKILL. Signals are sent directly:
-            # no need to run pg_ctl as the server's user, and it works whatever
-            # binaries started the server.
-            if not _terminate_pid(
-                pid,
-                self._cmdline_needle,
-                (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL),
-                self._stop_timeout,
-            ):
+            # Signals are sent directly: no need to run pg_ctl as the server's user,
+            # and it works whatever binaries started the server.
+            signals = (
+                (signal.SIGQUIT, signal.SIGKILL)
+                if mode == "immediate"
+                else (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL)
+            )
+            if not _terminate_pid(pid, self._cmdline_needle, signals, self._stop_timeout):
                 raise RuntimeError(f"PostgreSQL (pid {pid}) did not stop within {self._stop_timeout} s")
             log.info("postgres (pid %s) stopped", pid)
         self._pid = None
@@ -710,11 +713,41 @@ class EmbeddedRedis(_PortMixin):
             return self.url
         raise AssertionError("unreachable")
 
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs (for fault tests), else None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections are still accepted by the kernel,
+        nothing is answered) until `resume()`. For fault tests."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause()`."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up by the server (a crash); `start()` brings a new, empty
+        server back on the same port. For fault tests."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait(5)
+        self.pidfile.unlink(missing_ok=True)
+        log.info("redis (pid %s) killed", proc.pid)
+
     def stop(self) -> None:
         """SIGTERM (Redis saves nothing: persistence is off), bounded, then SIGKILL."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)  # a paused server would not see SIGTERM
         proc.terminate()
         try:
             proc.wait(self._stop_timeout)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 PROBLEM_BASE = "https://orders.example/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -146,6 +148,17 @@ _GENERIC = {
 }
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app answers at the request's path."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> Response:
@@ -156,10 +169,26 @@ def install_handlers(app: FastAPI) -> None:
         return ValidationFailed(validation_errors(list(exc.errors()))).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         slug, title = _GENERIC.get(exc.status_code, ("error", "Error"))
         body = {"type": PROBLEM_BASE + slug, "title": title, "status": exc.status_code, "detail": title}
-        return problem_response(exc.status_code, body, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # RFC 9110: every method of the resource, not only those of the first route
+            # whose path matched (GET and POST /v1/orders are two routes).
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return problem_response(exc.status_code, body, headers)
+
+    async def _unstorable_text(_: Request, exc: Exception) -> Response:
+        # A string with U+0000 (or not valid in UTF-8) that got past validation: the
+        # client's input, so 422, not 500. Inputs are validated first; this is the net.
+        log.warning("unstorable_text", error=type(exc).__name__)
+        return ValidationFailed(
+            [{"field": "body", "message": "text contains a character that cannot be stored", "code": "character"}]
+        ).response()
+
+    app.add_exception_handler(asyncpg.CharacterNotInRepertoireError, _unstorable_text)
+    app.add_exception_handler(asyncpg.UntranslatableCharacterError, _unstorable_text)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

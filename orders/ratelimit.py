@@ -1,11 +1,18 @@
 """Per-customer limit of order creations: a fixed one-minute window in Redis.
 
-Fail-open: with Redis down (or its circuit open) every request passes.
+One counter per customer and minute (`<prefix>rl:<minute>:<customer>`, INCR + EXPIRE in
+one round trip), shared by all replicas; customers never share a counter. The service
+calls `check()` once a creation has passed validation (replays included, API.md), so a
+malformed request never uses up the customer's allowance.
+
+Fail-open: with Redis down, slow (the call is bounded by ORDERS_REDIS_TIMEOUT_S) or its
+circuit open, every request passes.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from orders.cache import Cache
 from orders.errors import RateLimited
@@ -17,13 +24,14 @@ class RateLimiter:
     def __init__(self, cache: Cache, per_minute: int) -> None:
         self.cache = cache
         self.per_minute = per_minute
+        self.clock: Callable[[], float] = time.time  # wall clock: windows are shared by replicas
 
     async def check(self, customer_id: str) -> None:
         """Counts one creation; raises RateLimited past the limit."""
         redis = self.cache.redis
         if self.per_minute <= 0 or redis is None:
             return
-        now = time.time()
+        now = self.clock()
         window = int(now // WINDOW_S)
         key = f"{self.cache.prefix}rl:{window}:{customer_id}"
 

@@ -27,6 +27,10 @@ from orders.settings import Settings
 
 log = structlog.get_logger("orders.resources")
 
+# Recorded cache invalidations replayed per Redis round trip, and per replay at most.
+REPLAY_BATCH = 500
+REPLAY_MAX_BATCHES = 40
+
 
 @dataclass
 class Resources:
@@ -79,18 +83,23 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             log.warning("cache_invalidation_not_recorded", error=type(exc).__name__)
 
     async def replay() -> None:
-        if not cache.enabled or not cache.breaker.closed:
-            return
-        async with connection(pool, timeout) as conn:
-            entries = await invalidations.pending(conn, 500)
-        if not entries:
-            return
-        before = len(entries)
-        ok, _ = await cache.call(lambda: cache.apply_raw(entries))
-        if ok:
+        # Batch after batch until none is left (bounded): after a long outage, reads
+        # trust Redis again only once every invalidation recorded meanwhile is applied.
+        for _ in range(REPLAY_MAX_BATCHES):
+            if not cache.enabled or not cache.breaker.closed:
+                return
+            async with connection(pool, timeout) as conn:
+                entries = await invalidations.pending(conn, REPLAY_BATCH)
+            if not entries:
+                return
+            ok, _ = await cache.call(lambda batch=entries: cache.apply_raw(batch))
+            if not ok:
+                return
             async with connection(pool, timeout) as conn:
                 await invalidations.forget(conn, entries)
-            log.info("cache_invalidations_replayed", count=before)
+            log.info("cache_invalidations_replayed", count=len(entries))
+            if len(entries) < REPLAY_BATCH:
+                return
 
     cache.record_failure = record_failure
     cache.replay = replay

@@ -44,12 +44,15 @@ def _country(value: str) -> str:
     return code
 
 
-Text200 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-OptionalText200 = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
-PostalCode = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20)]
+# No control characters (U+0000-U+001F, U+007F) in names, address lines and the like:
+# never meant on a label or in an email, and PostgreSQL cannot store U+0000 at all.
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+Text200 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=NO_CONTROL)]
+OptionalText200 = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200, pattern=NO_CONTROL)]
+PostalCode = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20, pattern=NO_CONTROL)]
 Country = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=2, max_length=2),
+    StringConstraints(strip_whitespace=True, min_length=2, max_length=2, pattern=NO_CONTROL),
     AfterValidator(_country),
 ]
 Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]

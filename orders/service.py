@@ -17,7 +17,7 @@ import structlog
 from orders.auth import Principal
 from orders.cache import order_key, product_key
 from orders.db import idempotency, orders, products
-from orders.db.pool import connection
+from orders.db.pool import connection, read
 from orders.documents import order_doc, product_doc, rfc3339
 from orders.domain.cursor import encode_order_cursor, encode_sku_cursor
 from orders.domain.money import PricedLine, order_totals
@@ -110,8 +110,7 @@ async def place_order(
             if exc.table_name != "idempotency_keys":
                 raise
             # Another request with this key committed between our lookup and our insert.
-            async with connection(res.pool, timeout) as conn:
-                record = await idempotency.lookup(conn, who.customer_id, key)
+            record = await read(res.pool, timeout, lambda conn: idempotency.lookup(conn, who.customer_id, key))
             assert record is not None
             return _replay(record, fingerprint)
     structlog.contextvars.bind_contextvars(order_id=placed.order_id)
@@ -212,8 +211,7 @@ def _if_match_ok(if_match: str | None, version: int) -> bool:
 
 
 async def visible_order_exists(res: Resources, who: Principal, order_id: UUID) -> bool:
-    async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn:
-        row = await orders.owner(conn, order_id)
+    row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.owner(conn, order_id))
     return row is not None and who.can_see(row)
 
 
@@ -273,8 +271,7 @@ async def get_order(res: Resources, who: Principal, order_id: UUID) -> dict[str,
     key = order_key(res.cache.prefix, order_id)
 
     async def load() -> tuple[int, dict[str, Any]] | None:
-        async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn:
-            row = await orders.get(conn, order_id)
+        row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.get(conn, order_id))
         return None if row is None else (row["version"], order_doc(row))
 
     doc = await res.cache.get_or_load(key, load)
@@ -287,8 +284,7 @@ async def get_product(res: Resources, sku: str) -> dict[str, Any]:
     key = product_key(res.cache.prefix, sku)
 
     async def load() -> tuple[int, dict[str, Any]] | None:
-        async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn:
-            row = await products.get(conn, sku)
+        row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: products.get(conn, sku))
         return None if row is None else (row["version"], product_doc(row))
 
     doc = await res.cache.get_or_load(key, load)
@@ -306,8 +302,7 @@ async def put_product(res: Resources, sku: str, fields: dict[str, Any]) -> tuple
 
 
 async def list_products(res: Resources, after: str | None, limit: int) -> dict[str, Any]:
-    async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn:
-        rows = await products.page(conn, after, limit + 1)
+    rows = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: products.page(conn, after, limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]
     return {
@@ -327,10 +322,13 @@ async def list_orders(
 ) -> dict[str, Any]:
     """A customer sees their own orders (customer_id ignored); staff all, or one customer's."""
     scope = customer_id if who.is_admin else who.customer_id
-    async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn:
-        rows = await orders.page(
+    rows = await read(
+        res.pool,
+        res.settings.db_acquire_timeout_s,
+        lambda conn: orders.page(
             conn, customer_id=scope, status=status.value if status else None, before=before, limit=limit + 1
-        )
+        ),
+    )
     more = len(rows) > limit
     rows = rows[:limit]
     return {
@@ -340,8 +338,7 @@ async def list_orders(
 
 
 async def order_events(res: Resources, who: Principal, order_id: UUID) -> list[dict[str, Any]]:
-    async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn:
-        row = await orders.events(conn, order_id)
+    row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.events(conn, order_id))
     if row is None or not who.can_see(row["customer_id"]):
         raise NotFound("no such order")
     return list(row["items"])

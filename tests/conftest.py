@@ -152,6 +152,9 @@ def base_env(database_url: str, redis_url: str, smtp: SmtpSink, cache_prefix: st
         "ORDERS_JWT_SECRET": JWT_SECRET,
         "ORDERS_DB_POOL_MIN": "2",
         "ORDERS_DB_POOL_MAX": "20",
+        # Longer than the 2 s default: the concurrency tests queue 80 requests on 20
+        # connections, and a busy 2-core CI box must not turn that queue into 503s.
+        "ORDERS_DB_ACQUIRE_TIMEOUT_S": "5",
         "ORDERS_RATE_LIMIT_PER_MINUTE": "0",
         "ORDERS_LOG_LEVEL": "warning",
         "ORDERS_RELAY_INTERVAL_S": "0.5",

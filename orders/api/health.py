@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from orders.api.openapi import PROBLEM, RETRY_AFTER
 from orders.deps import Res
 from orders.errors import PROBLEM_BASE, problem_response
 from orders.observability import POOL_IN_USE, POOL_SIZE
@@ -23,10 +24,28 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+READY_SCHEMA = {
+    "type": "object",
+    "required": ["status", "postgres", "redis"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready"]},
+        "postgres": {"type": "string", "enum": ["ok"]},
+        "redis": {"type": "string", "enum": ["ok", "down", "disabled"]},
+    },
+}
+
+
 @router.get(
     "/readyz",
     summary="Readiness: PostgreSQL reachable and not draining; Redis down is only degraded",
-    responses={503: {"description": "Not ready", "content": {"application/problem+json": {}}}},
+    responses={
+        200: {"description": "Ready", "content": {"application/json": {"schema": READY_SCHEMA}}},
+        503: {
+            "description": "Not ready: PostgreSQL unreachable, or draining after SIGTERM",
+            "content": PROBLEM,
+            "headers": RETRY_AFTER,
+        },
+    },
 )
 async def readyz(res: Res) -> Response:
     postgres = "ok"

@@ -24,8 +24,24 @@ _DESCRIPTIONS = {
 }
 
 
+# Headers that always come with some problems (API.md).
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "required": True, "schema": {"type": "string"}}
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
+}
+
+
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"description": _DESCRIPTIONS[code], "content": PROBLEM} for code in codes}
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"description": _DESCRIPTIONS[code], "content": PROBLEM}
+        if code in _HEADERS:
+            out[code]["headers"] = _HEADERS[code]
+    return out
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -52,4 +68,24 @@ def add_schemas(spec: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any
         for name, sub in schema.pop("$defs", {}).items():
             components.setdefault(name, sub)
         components[model.__name__] = schema
+    _drop_default_422(spec)
     return spec
+
+
+def _drop_default_422(spec: dict[str, Any]) -> None:
+    """FastAPI documents a 422 `application/json` HTTPValidationError on every route with
+    a parameter. Ours answer validation errors as problem+json, and the routes that can
+    give one list 422 in `problems()`; the others (a path id or SKU, which is a plain
+    string) cannot: drop the leftover, and the schemas nothing refers to any more."""
+    default_ref = "#/components/schemas/HTTPValidationError"
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            content = responses.get("422", {}).get("content", {})
+            if content.get("application/json", {}).get("schema", {}).get("$ref") == default_ref:
+                del responses["422"]
+    if default_ref not in str(spec.get("paths")):
+        components = spec.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        if "#/components/schemas/ValidationError" not in str(components):
+            components.pop("ValidationError", None)

@@ -26,8 +26,8 @@ def _decode(cursor: str) -> list[object]:
         value = orjson.loads(raw)
     except (binascii.Error, ValueError):
         raise BadCursor("malformed cursor") from None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadCursor("malformed cursor")
+    if not isinstance(value, list) or not all(isinstance(v, str) and "\x00" not in v for v in value):
+        raise BadCursor("malformed cursor")  # (U+0000 is in no key, and PostgreSQL refuses it)
     return value
 
 

@@ -1,0 +1,25 @@
+"""CORS for the checkout frontend (ORDERS_CORS_ORIGINS): Starlette's middleware, except
+that a refused preflight answers application/problem+json like every other error."""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+from orders.errors import PROBLEM_BASE, problem_response
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        body = {
+            "type": PROBLEM_BASE + "bad-request",
+            "title": "Bad request",
+            "status": response.status_code,
+            "detail": bytes(response.body).decode(),  # "Disallowed CORS origin, headers"
+        }
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        return problem_response(response.status_code, body, headers)

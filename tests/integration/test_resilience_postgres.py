@@ -1,0 +1,299 @@
+"""PostgreSQL down, restarting, or dying mid-transaction: 503 `unavailable` with
+Retry-After in bounded time (never a hang, never a 500), and recovery without a restart.
+
+The outage tests run against a PRIVATE PostgreSQL (orders.devservers.EmbeddedPostgres in
+a tmp dir) so that stopping it disturbs nobody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from orders import service
+from orders.devservers import EmbeddedPostgres, free_port
+from tests.conftest import ADMIN, auth, make_product, new_key, order_body, place, running_app, wait_for
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@pytest.fixture
+def private_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path, port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+
+
+async def checkpoint(pg: EmbeddedPostgres) -> None:
+    """Before `pg_ctl stop -m immediate`: the embedded cluster runs with
+    synchronous_commit=off (dev data), which would lose the last commits in a crash; a
+    production server (synchronous_commit=on) loses no committed transaction."""
+    conn = await asyncpg.connect(pg.dsn, timeout=10)
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def _settings(make_settings: Any, dsn: str, **overrides: Any) -> Any:
+    return make_settings(
+        database_url=dsn,
+        cache_prefix=f"pgres-{secrets.token_hex(4)}:",
+        db_pool_min=2,
+        db_pool_max=5,
+        **overrides,
+    )
+
+
+def assert_unavailable(r: httpx.Response) -> None:
+    assert r.status_code == 503, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/problem+json"
+    assert int(r.headers["retry-after"]) >= 1
+    body = r.json()
+    assert body["type"].endswith("/unavailable") and body["status"] == 503
+    assert "asyncpg" not in r.text and "Traceback" not in r.text and "postgres@" not in r.text
+
+
+async def test_postgres_down_answers_503_and_recovers_without_a_restart(make_settings, private_pg):
+    settings = _settings(make_settings, private_pg.dsn)
+    async with running_app(settings) as client:
+        sku = await make_product(client, stock=100)
+        customer = "cust-pg-down"
+        first = await place(client, customer, (sku, 1))
+        assert first.status_code == 201, first.text
+        port = private_pg.port
+
+        await checkpoint(private_pg)
+        private_pg.stop("immediate")  # pg_ctl stop -m immediate
+        start = time.monotonic()
+        down = await place(client, customer, (sku, 1))
+        assert time.monotonic() - start < 10
+        assert_unavailable(down)
+        # Every kind of request answers in bounded time: reads, lists, writes, staff.
+        for r in await asyncio.gather(
+            client.get("/v1/orders", headers=auth(customer)),
+            client.get("/v1/products"),
+            client.get(f"/v1/orders/{first.json()['id']}/events", headers=auth(customer)),
+            client.post(f"/v1/orders/{first.json()['id']}/cancel", headers=auth(customer)),
+            client.put(
+                f"/v1/products/{sku}", headers=ADMIN, json={"name": "M", "unit_price": 1, "currency": "USD", "stock": 1}
+            ),
+        ):
+            assert_unavailable(r)
+        assert time.monotonic() - start < 10
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["content-type"] == "application/problem+json"
+        assert ready.json()["postgres"] == "down" and "retry-after" in ready.headers
+        assert (await client.get("/healthz")).status_code == 200
+
+        private_pg.start()
+        assert private_pg.port == port
+        statuses: list[int] = []
+        key = new_key()  # the client's retry of one order, behind its Idempotency-Key
+
+        async def order_goes_through() -> bool:
+            r = await place(client, customer, (sku, 1), key=key)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                assert_unavailable(r)
+            return r.status_code == 201
+
+        await wait_for(order_goes_through, timeout=30, interval=0.5)
+        assert set(statuses) <= {201, 503}, statuses
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["postgres"] == "ok"
+        # Exactly one order was created by the retries, and the service works on.
+        again = await place(client, customer, (sku, 1), key=key)
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+        listed = (await client.get("/v1/orders", headers=auth(customer))).json()["items"]
+        assert len(listed) == 2
+        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 98
+
+
+async def test_after_a_restart_stale_pooled_connections_are_never_handed_out(make_settings, private_pg):
+    """Restart PostgreSQL under a warm pool: every read afterwards answers 200 (a read
+    that still meets a dead connection is retried once on a fresh one)."""
+    settings = _settings(make_settings, private_pg.dsn, redis_url=None)
+    async with running_app(settings) as client:
+        sku = await make_product(client, stock=100)
+        customer = "cust-pg-restart"
+        order = (await place(client, customer, (sku, 1))).json()
+        # Warm every pooled connection.
+        await asyncio.gather(*(client.get(f"/v1/products/{sku}") for _ in range(10)))
+
+        await checkpoint(private_pg)
+        # Stopped and started while this event loop is blocked (a busy process): the
+        # pool has not seen its connections close, and may hand them out.
+        private_pg.stop("immediate")
+        private_pg.start()
+        results = await asyncio.gather(
+            *(client.get(f"/v1/products/{sku}") for _ in range(5)),
+            *(client.get(f"/v1/orders/{order['id']}", headers=auth(customer)) for _ in range(5)),
+            *(client.get("/v1/orders", headers=auth(customer)) for _ in range(5)),
+            client.get("/v1/products"),
+        )
+        assert [r.status_code for r in results] == [200] * len(results), [r.text for r in results]
+        assert (await client.get("/readyz")).status_code == 200
+        r = await place(client, customer, (sku, 1))
+        assert r.status_code == 201, r.text
+
+
+async def _kill_backend_of(conn: asyncpg.Connection, admin_dsn: str) -> None:
+    pid = conn.get_server_pid()
+    other = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await other.close()
+    await asyncio.sleep(0.2)  # let the FATAL and the close arrive
+
+
+async def test_connection_dying_before_commit_is_503_and_commits_nothing(make_settings, database_url, monkeypatch):
+    """The server ends the connection between the last statement and COMMIT: 503 (not
+    500), nothing written, and a retry behind the same key creates the order once."""
+    async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
+        sku = await make_product(client, stock=10)
+        customer = "cust-pg-commit"
+        real_insert = service.orders.insert
+
+        async def insert_then_die(conn: Any, **kw: Any) -> Any:
+            result = await real_insert(conn, **kw)
+            await _kill_backend_of(conn, database_url)
+            return result
+
+        monkeypatch.setattr(service.orders, "insert", insert_then_die)
+        key = new_key()
+        r = await place(client, customer, (sku, 2), key=key)
+        assert_unavailable(r)
+        monkeypatch.setattr(service.orders, "insert", real_insert)
+        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 10
+        assert (await client.get("/v1/orders", headers=auth(customer))).json()["items"] == []
+        r = await place(client, customer, (sku, 2), key=key)
+        assert r.status_code == 201 and "idempotent-replayed" not in r.headers
+        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 8
+
+
+async def test_connection_dying_before_rollback_is_503(make_settings, database_url, monkeypatch):
+    """A business error raised in a transaction whose connection died: the ROLLBACK
+    fails too; that is a 503, never a 500."""
+    async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
+        sku = await make_product(client, stock=1)
+        customer = "cust-pg-rollback"
+        real_reserve = service.products.reserve
+
+        async def reserve_then_die(conn: Any, skus: list[str], quantities: list[int]) -> Any:
+            rows = await real_reserve(conn, skus, quantities)
+            await _kill_backend_of(conn, database_url)
+            return rows  # stock is short: the service raises 409 and rolls back
+
+        monkeypatch.setattr(service.products, "reserve", reserve_then_die)
+        r = await place(client, customer, (sku, 5))
+        assert_unavailable(r)
+        monkeypatch.setattr(service.products, "reserve", real_reserve)
+        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 1
+
+
+async def test_connection_dying_in_a_status_change_is_503(make_settings, database_url, monkeypatch):
+    async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
+        sku = await make_product(client, stock=3)
+        customer = "cust-pg-change"
+        order = (await place(client, customer, (sku, 1))).json()
+        real_change = service.orders.change_status
+
+        async def change_then_die(conn: Any, *a: Any, **kw: Any) -> Any:
+            row = await real_change(conn, *a, **kw)
+            await _kill_backend_of(conn, database_url)
+            return row
+
+        monkeypatch.setattr(service.orders, "change_status", change_then_die)
+        r = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
+        assert_unavailable(r)
+        monkeypatch.setattr(service.orders, "change_status", real_change)
+        got = await client.get(f"/v1/orders/{order['id']}", headers=auth(customer))
+        assert got.json()["status"] == "pending" and got.json()["version"] == 1
+        r = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+async def test_a_read_whose_connection_dies_is_retried_once(make_settings, database_url, monkeypatch):
+    async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:", redis_url=None)) as client:
+        sku = await make_product(client, stock=3)
+        real_get = service.products.get
+        calls = 0
+
+        async def die_once(conn: Any, s: str) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await _kill_backend_of(conn, database_url)
+            return await real_get(conn, s)
+
+        monkeypatch.setattr(service.products, "get", die_once)
+        r = await client.get(f"/v1/products/{sku}")
+        assert r.status_code == 200 and r.json()["sku"] == sku
+        assert calls == 2
+
+        async def always_dies(conn: Any, s: str) -> Any:
+            nonlocal calls
+            calls += 1
+            await _kill_backend_of(conn, database_url)
+            return await real_get(conn, s)
+
+        calls = 0
+        monkeypatch.setattr(service.products, "get", always_dies)
+        assert_unavailable(await client.get(f"/v1/products/{sku}"))
+        assert calls == 2  # once, and once more: no more
+
+
+async def test_writes_are_not_retried(make_settings, database_url, monkeypatch):
+    async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
+        sku = await make_product(client, stock=3)
+        real_reserve = service.products.reserve
+        calls = 0
+
+        async def die(conn: Any, skus: list[str], quantities: list[int]) -> Any:
+            nonlocal calls
+            calls += 1
+            await _kill_backend_of(conn, database_url)
+            return await real_reserve(conn, skus, quantities)
+
+        monkeypatch.setattr(service.products, "reserve", die)
+        r = await client.post(
+            "/v1/orders", headers={**auth("cust-pg-noretry"), "Idempotency-Key": new_key()}, json=order_body((sku, 1))
+        )
+        assert_unavailable(r)
+        assert calls == 1
+
+
+async def test_pool_exhausted_answers_503_within_the_acquire_timeout(make_settings):
+    """No pooled connection in time: 503 after ORDERS_DB_ACQUIRE_TIMEOUT_S, never a hang."""
+    settings = make_settings(
+        cache_prefix=f"pgres-{secrets.token_hex(4)}:",
+        redis_url=None,
+        db_pool_min=1,
+        db_pool_max=1,
+        db_acquire_timeout_s=0.5,
+    )
+    async with running_app(settings) as client:
+        sku = await make_product(client, stock=3)
+        pool = client.app.state.res.pool
+        held = await pool.acquire()
+        try:
+            start = time.monotonic()
+            r = await client.get(f"/v1/products/{sku}")
+            assert_unavailable(r)
+            assert time.monotonic() - start < 3
+        finally:
+            await pool.release(held)
+        assert (await client.get(f"/v1/products/{sku}")).status_code == 200
