@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fmt validate-deploy ci clean
+.PHONY: install run test lint fmt validate-deploy ci clean load bench
 
 install: $(STAMP)
 
@@ -22,6 +22,23 @@ run: install
 ## The whole test suite against real PostgreSQL, Redis and SMTP (machine's or embedded).
 test: install
 	$(BIN)/python -m pytest
+
+## Locust checkout load against a running service (LOAD_HOST, or $ORDERS_URL), then its
+## invariants checked in PostgreSQL ($ORDERS_DATABASE_URL; tokens from $ORDERS_JWT_SECRET).
+## CSV stats and a summary in infra/locust/results/. LOAD_SERVER_PID=<pid> adds worker RSS.
+LOAD_HOST     ?= $(or $(ORDERS_URL),http://127.0.0.1:8000)
+LOAD_USERS    ?= 20
+LOAD_SPAWN    ?= 5
+LOAD_DURATION ?= 60s
+load: install
+	@mkdir -p infra/locust/results
+	LOAD_SUMMARY=infra/locust/results/summary.json $(BIN)/locust -f infra/locust/locustfile.py --headless \
+		--host $(LOAD_HOST) -u $(LOAD_USERS) -r $(LOAD_SPAWN) -t $(LOAD_DURATION) --stop-timeout 10 \
+		--csv infra/locust/results/load --only-summary
+
+## The service against its ceilings (pgbench, a bare endpoint) with wrk: ~4 minutes (infra/bench/bench.py).
+bench: install
+	$(BIN)/python infra/bench/bench.py
 
 lint: install
 	$(BIN)/ruff check orders tests infra

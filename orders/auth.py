@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ class TokenVerifier:
         self._issuer = settings.jwt_issuer
         required = ["exp", "sub"] + (["aud"] if self._audience else []) + (["iss"] if self._issuer else [])
         self._options: dict[str, Any] = {"require": required}
+        # Tokens verified before: signature, audience, issuer and subject do not change with
+        # time, so a hit only re-checks exp / nbf / iat against the clock, as PyJWT would
+        # (see _still_valid). Only valid tokens are kept; bounded, oldest out first.
+        self._verified: dict[str, tuple[Principal, int, int | None, int | None]] = {}
 
     def verify(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -36,9 +41,13 @@ class TokenVerifier:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized()
+        token = token.strip()
+        hit = self._verified.get(token)
+        if hit is not None and _still_valid(hit[1], hit[2], hit[3]):
+            return hit[0]
         try:
             claims = jwt.decode(
-                token.strip(),
+                token,
                 self._key,
                 algorithms=["HS256"],
                 audience=self._audience,
@@ -52,13 +61,31 @@ class TokenVerifier:
             raise Unauthorized("the token's subject is invalid")
         roles = claims.get("roles") or []
         is_admin = isinstance(roles, list) and "admin" in roles
-        return Principal(customer_id=sub, is_admin=is_admin)
+        who = Principal(customer_id=sub, is_admin=is_admin)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        # jwt.decode checked that these are integers (int() of the claim, as PyJWT compares them).
+        nbf, iat = claims.get("nbf"), claims.get("iat")
+        self._verified[token] = (
+            who,
+            int(claims["exp"]),
+            None if nbf is None else int(nbf),
+            None if iat is None else int(iat),
+        )
+        return who
+
+
+VERIFIED_CACHE_SIZE = 8192
+
+
+def _still_valid(exp: int, nbf: int | None, iat: int | None) -> bool:
+    """PyJWT's time checks with no leeway: valid while exp > now, nbf <= now, iat <= now."""
+    now = time.time()
+    return exp > now and (nbf is None or nbf <= now) and (iat is None or iat <= now)
 
 
 def mint(settings: Settings, sub: str, *, roles: list[str] | None = None, ttl_s: int = 3600, **extra: Any) -> str:
     """A token for `sub` (for `orders dev`, tests and load tests)."""
-    import time
-
     assert settings.jwt_secret
     claims: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + ttl_s, **extra}
     if roles:

@@ -62,7 +62,8 @@ def serve(settings: Settings) -> int:
 
         config = uvicorn_config(settings, "orders.main:app")
         sock = config.bind_socket()
-        Multiprocess(config, target=Server(config).run, sockets=[sock]).run()
+        # uvicorn >= 0.50: the supervisor makes its workers (no `target=` any more).
+        Multiprocess(config, sockets=[sock]).run()
         return 0
     from orders.app import create_app
 

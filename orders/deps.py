@@ -16,7 +16,8 @@ from orders.resources import Resources
 _bearer = HTTPBearer(auto_error=False, description="HS256 JWT: `sub` customer id, `exp`, optional `roles`")
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
+    # async: FastAPI runs a plain `def` dependency in the threadpool (a thread hop per request).
     res: Resources = request.state.res
     return res
 

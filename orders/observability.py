@@ -82,6 +82,18 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
 
 access_log = structlog.get_logger("orders.access")
 
+# The metric children of each (method, route, status) seen: `labels()` validates and locks
+# on every call; routes are templates, so this stays small.
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _request_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
+    key = (method, route, status)
+    pair = _children.get(key)
+    if pair is None:
+        pair = _children[key] = (REQUESTS.labels(method, route, status), LATENCY.labels(method, route, status))
+    return pair
+
 
 class RequestContext:
     """X-Request-ID in and out, one access log line and the HTTP metrics per request."""
@@ -121,8 +133,9 @@ class RequestContext:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            REQUESTS.labels(method, template, status).inc()
-            LATENCY.labels(method, template, status).observe(elapsed)
+            count, latency = _request_metrics(method, template, status)
+            count.inc()
+            latency.observe(elapsed)
             if template not in ("/healthz", "/readyz", "/metrics"):
                 access_log.info(
                     "request",
