@@ -383,8 +383,10 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
     insert = "WITH v AS (SELECT gen_random_uuid() AS id), " + insert[len("WITH ") :]
     tx = f"{head}\nBEGIN;\n{claim};\n{reserve};\n{insert};\nCOMMIT;\n"
     claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease"})
-    email_sent = _sub(outbox.EMAIL_SENT_SQL, {1: "(:outbox_ids::bigint[])[1]"})
-    audit_sent = _sub(outbox.AUDIT_SENT_SQL, {1: "(:outbox_ids::bigint[])[2]"})
+    # The service marks rows sent in batches (many orders per statement under load);
+    # here, per order, as the unbatched worst case.
+    email_sent = _sub(outbox.EMAIL_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[1]]"})
+    audit_sent = _sub(outbox.AUDIT_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[2]]"})
     full = (
         f"{head}\nBEGIN;\n{claim};\n{reserve};\n{insert} \\gset\nCOMMIT;\n{claim_ids};\n{email_sent};\n{audit_sent};\n"
     )

@@ -32,10 +32,11 @@ UPDATE outbox o SET claimed_until = now() + make_interval(secs => $2), attempts 
 RETURNING o.{ROW.replace(", ", ", o.")}
 """
 
+# Batched: $1 is every row of a delivery batch that went through.
 EMAIL_SENT_SQL = """
 WITH done AS (
     UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
-     WHERE id = $1 AND status = 'pending'
+     WHERE id = ANY($1::bigint[]) AND status = 'pending'
  RETURNING order_id, topic, payload
 )
 INSERT INTO order_events (order_id, type, actor, data)
@@ -47,7 +48,7 @@ SELECT order_id, 'notification.sent', 'system',
 AUDIT_SENT_SQL = """
 WITH done AS (
     UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
-     WHERE id = $1 AND status = 'pending'
+     WHERE id = ANY($1::bigint[]) AND status = 'pending'
  RETURNING id, order_id, payload, created_at
 )
 INSERT INTO audit_log (outbox_id, order_id, actor, action, before, after, request_id, at)
@@ -75,8 +76,9 @@ async def claim_due(conn: asyncpg.Connection, limit: int, lease_s: float, ahead_
     return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s, ahead_s)
 
 
-async def mark_sent(conn: asyncpg.Connection, row_id: int, kind: str) -> None:
-    await conn.execute(EMAIL_SENT_SQL if kind == "email" else AUDIT_SENT_SQL, row_id)
+async def mark_sent(conn: asyncpg.Connection, row_ids: list[int], kind: str) -> None:
+    """Rows delivered: `sent`, plus their side effect (a timeline event, an audit entry)."""
+    await conn.execute(EMAIL_SENT_SQL if kind == "email" else AUDIT_SENT_SQL, row_ids)
 
 
 async def mark_retry(conn: asyncpg.Connection, row_id: int, error: str, delay_s: float, give_up: bool) -> None:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import html
-from email.message import EmailMessage
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import formatdate
 from importlib import resources
 from string import Template
@@ -43,7 +48,18 @@ def money(amount: int, currency: str) -> str:
     return f"{amount // 100}.{amount % 100:02d} {currency}"
 
 
-def render(payload: dict[str, Any], mail_from: str) -> EmailMessage:
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A rendered email: envelope and the message as bytes on the wire."""
+
+    sender: str
+    to: str
+    data: bytes
+
+
+def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
+    """multipart/alternative, plain text and HTML. Built with the compat32 MIME classes:
+    the `email` package's default policy costs ~2 ms per message, these ~0.1 ms."""
     order, event = payload["order"], payload["event"]
     currency = order["currency"]
     lines = "\n".join(
@@ -58,44 +74,63 @@ def render(payload: dict[str, Any], mail_from: str) -> EmailMessage:
         "lines": lines,
         "total": total,
     }
-    msg = EmailMessage()
-    msg["From"] = mail_from
-    msg["To"] = payload["to"]
-    msg["Subject"] = SUBJECTS[event].format(short=order["id"][:8])
-    msg["Message-ID"] = payload["message_id"]
-    msg["Date"] = formatdate(usegmt=True)
-    msg.set_content(_TEXT[event].substitute(values))
     rows = "\n".join(
         f"<tr><td>{i['quantity']} &times; {html.escape(i['name'])}</td>"
         f"<td>{html.escape(i['sku'])}</td><td>{money(i['line_total'], currency)}</td></tr>"
         for i in order["items"]
     )
-    msg.add_alternative(
-        _HTML.substitute(intro=INTROS[event], rows=rows, total=html.escape(total), order_id=order["id"]),
-        subtype="html",
+    msg = MIMEMultipart("alternative")
+    msg["From"] = mail_from
+    msg["To"] = payload["to"]
+    msg["Subject"] = SUBJECTS[event].format(short=order["id"][:8])  # ASCII by construction
+    msg["Message-ID"] = payload["message_id"]
+    msg["Date"] = formatdate(usegmt=True)
+    msg.attach(MIMEText(_TEXT[event].substitute(values), "plain", "utf-8"))
+    msg.attach(
+        MIMEText(
+            _HTML.substitute(intro=INTROS[event], rows=rows, total=html.escape(total), order_id=order["id"]),
+            "html",
+            "utf-8",
+        )
     )
-    return msg
+    return Outgoing(sender=mail_from, to=payload["to"], data=msg.as_bytes())
 
 
 class Mailer:
-    """Sends one message per SMTP session (no connection outlives a send)."""
+    """SMTP sessions: one per delivery batch, every step bounded by ORDERS_SMTP_TIMEOUT_S."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # aiosmtplib otherwise resolves socket.getfqdn() in a thread for every connection.
+        self.local_hostname = socket.gethostname() or "localhost"
 
-    async def send(self, msg: EmailMessage) -> None:
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[aiosmtplib.SMTP]:
         s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            username=s.smtp_username,
+            password=s.smtp_password,
+            start_tls=s.smtp_starttls,
+            use_tls=False,
+            local_hostname=self.local_hostname,
+            timeout=s.smtp_timeout_s,
+        )
         async with asyncio.timeout(s.smtp_timeout_s):
-            await aiosmtplib.send(
-                msg,
-                hostname=s.smtp_host,
-                port=s.smtp_port,
-                username=s.smtp_username,
-                password=s.smtp_password,
-                start_tls=s.smtp_starttls,
-                use_tls=False,
-                timeout=s.smtp_timeout_s,
-            )
+            await smtp.connect()
+        try:
+            yield smtp
+        finally:
+            try:
+                async with asyncio.timeout(s.smtp_timeout_s):
+                    await smtp.quit()
+            except Exception:
+                smtp.close()
+
+    async def send(self, smtp: aiosmtplib.SMTP, mail: Outgoing) -> None:
+        async with asyncio.timeout(self.settings.smtp_timeout_s):
+            await smtp.sendmail(mail.sender, [mail.to], mail.data)
 
     async def close(self) -> None:
-        """Nothing is held between sends; kept for the lifespan's symmetry."""
+        """Nothing is held between batches; kept for the lifespan's symmetry."""

@@ -1,15 +1,18 @@
 """Delivery of outbox rows: the fast path after a response, and the relay loop.
 
-* `dispatch(ids)` is what a request's BackgroundTask calls: it starts the delivery of
-  that request's rows in a task of its own and returns at once, so a slow or hung SMTP
-  server never holds the HTTP connection (nor the next request on it). In-flight
-  deliveries are bounded (`ORDERS_NOTIFY_MAX_INFLIGHT`); past that the rows simply wait
-  for the relay. Nothing is lost either way: the rows are in PostgreSQL.
+* `dispatch(ids)` is what a request's BackgroundTask calls: it queues that request's
+  rows for the dispatcher and returns at once, so a slow or hung SMTP server never holds
+  the HTTP connection (nor the next request on it). The queue is bounded
+  (`ORDERS_NOTIFY_MAX_INFLIGHT` x 10 rows); past that the rows wait for the relay.
+  Nothing is lost either way: the rows are in PostgreSQL.
+* The dispatcher takes whatever is queued as one batch (so under load many orders share
+  one claim, one SMTP session and one "sent" statement) and runs up to
+  `DISPATCH_CONCURRENCY` batches at a time.
 * The relay loop claims due rows with FOR UPDATE SKIP LOCKED plus a lease, so replicas
   share the work without sending a row twice; failures back off exponentially up to a
   cap of attempts, after which the row is `failed` (metric + error log). It also
   replays recorded cache invalidations and purges old rows in small batches.
-* `stop(grace)` stops the loop, waits for in-flight deliveries and flushes what it can
+* `stop(deadline)` stops both, waits for batches under way and flushes what it can
   before the deadline; whatever is left stays pending for the next replica.
 """
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiosmtplib
 import asyncpg
 import structlog
 
@@ -36,6 +41,15 @@ audit_log = structlog.get_logger("audit")
 # The relay leaves a new row to its request's BackgroundTask for this long.
 FAST_PATH_HEAD_START_S = 5.0
 BACKOFF_BASE_S = 1.0
+DISPATCH_CONCURRENCY = 4
+# Errors after which an SMTP session is unusable: the rest of the batch waits for a retry.
+SESSION_ERRORS: tuple[type[BaseException], ...] = (
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPConnectError,
+    aiosmtplib.SMTPTimeoutError,
+    TimeoutError,
+    OSError,
+)
 
 
 def backoff(attempts: int, cap_s: float) -> float:
@@ -55,79 +69,137 @@ class Relay:
         self.mailer = mailer
         self.settings = settings
         self.replay_invalidations = replay_invalidations
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._queue: deque[int] = deque()
+        self._queue_max = settings.notify_max_inflight * 10
+        self._queued = asyncio.Event()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(DISPATCH_CONCURRENCY)
+        self._dispatcher: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
 
     # -- fast path -------------------------------------------------------------
 
     async def dispatch(self, ids: list[int]) -> None:
         if not ids:
             return
-        if len(self._inflight) >= self.settings.notify_max_inflight:
+        if self._stopping.is_set() or len(self._queue) + len(ids) > self._queue_max:
             log.warning("notify_backpressure", pending_rows=len(ids))
             return  # the relay delivers them
-        task = asyncio.get_running_loop().create_task(self._deliver_ids(ids))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._queue.extend(ids)
+        self._queued.set()
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                await self._slots.acquire()
+                ids = [self._queue.popleft() for _ in range(min(len(self._queue), self.settings.relay_batch))]
+                if not ids:
+                    self._slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._deliver_ids(ids))
+                self._batches.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._slots.release()
 
     async def _deliver_ids(self, ids: list[int]) -> None:
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
                 rows = await outbox.claim_ids(conn, ids, self.settings.relay_lease_s)
         except Exception as exc:
-            log.warning("notify_claim_failed", error=type(exc).__name__)
+            log.warning("notify_claim_failed", error=type(exc).__name__, rows=len(ids))
             return
         await self._deliver_all(rows)
 
     # -- delivery --------------------------------------------------------------
 
     async def _deliver_all(self, rows: list[asyncpg.Record]) -> int:
+        """Deliver claimed rows; returns how many went through."""
         if not rows:
             return 0
-        return sum(await asyncio.gather(*(self._deliver(row) for row in rows)))
+        audits = [r for r in rows if r["kind"] == "audit"]
+        emails = [r for r in rows if r["kind"] == "email"]
+        delivered = 0
+        if audits:
+            delivered += await self._deliver_audits(audits)
+        if emails:
+            delivered += await self._deliver_emails(emails)
+        return delivered
 
-    async def _deliver(self, row: asyncpg.Record) -> bool:
-        payload: dict[str, Any] = row["payload"]
-        bound = structlog.contextvars.bound_contextvars(
-            request_id=payload.get("request_id"), order_id=str(row["order_id"])
-        )
-        with bound:
-            try:
-                if row["kind"] == "email":
-                    await self.mailer.send(render(payload, self.settings.mail_from))
-                async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
-                    await outbox.mark_sent(conn, row["id"], row["kind"])
-            except Exception as exc:
+    async def _deliver_audits(self, rows: list[asyncpg.Record]) -> int:
+        try:
+            await self._mark_sent([r["id"] for r in rows], "audit")
+        except Exception as exc:
+            for row in rows:
                 await self._failed(row, exc)
-                return False
-            NOTIFICATIONS_SENT.labels(row["kind"]).inc()
-            if row["kind"] == "audit":
-                audit_log.info(
-                    "audit",
-                    action=payload["action"],
-                    actor=payload["actor"],
-                    before=payload["before"],
-                    after=payload["after"],
-                )
-            else:
-                log.info("email_sent", topic=row["topic"], message_id=payload["message_id"])
-            return True
+            return 0
+        for row in rows:
+            p: dict[str, Any] = row["payload"]
+            with structlog.contextvars.bound_contextvars(request_id=p.get("request_id"), order_id=str(row["order_id"])):
+                audit_log.info("audit", action=p["action"], actor=p["actor"], before=p["before"], after=p["after"])
+        NOTIFICATIONS_SENT.labels("audit").inc(len(rows))
+        return len(rows)
 
-    async def _failed(self, row: asyncpg.Record, exc: Exception) -> None:
+    async def _deliver_emails(self, rows: list[asyncpg.Record]) -> int:
+        """One SMTP session for the batch; a row that fails is retried later on its own."""
+        sent: list[asyncpg.Record] = []
+        remaining = list(rows)
+        try:
+            async with self.mailer.session() as smtp:
+                while remaining:
+                    row = remaining[0]
+                    try:
+                        await self.mailer.send(smtp, render(row["payload"], self.settings.mail_from))
+                    except SESSION_ERRORS:
+                        raise
+                    except Exception as exc:  # refused recipient and the like: this row only
+                        remaining.pop(0)
+                        await self._failed(row, exc)
+                        continue
+                    sent.append(remaining.pop(0))
+        except Exception as exc:  # the session broke: what is left is retried later
+            for row in remaining:
+                await self._failed(row, exc)
+        if not sent:
+            return 0
+        try:
+            await self._mark_sent([r["id"] for r in sent], "email")
+        except Exception as exc:  # sent but not recorded: the lease ends, it is sent again
+            log.warning("notify_mark_sent_failed", error=type(exc).__name__, rows=len(sent))
+            return 0
+        for row in sent:
+            p = row["payload"]
+            with structlog.contextvars.bound_contextvars(request_id=p.get("request_id"), order_id=str(row["order_id"])):
+                log.info("email_sent", topic=row["topic"], message_id=p["message_id"])
+        NOTIFICATIONS_SENT.labels("email").inc(len(sent))
+        return len(sent)
+
+    async def _mark_sent(self, ids: list[int], kind: str) -> None:
+        async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
+            await outbox.mark_sent(conn, ids, kind)
+
+    async def _failed(self, row: asyncpg.Record, exc: BaseException) -> None:
         give_up = row["attempts"] >= self.settings.relay_max_attempts
         delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
         NOTIFICATIONS_FAILED.labels(row["kind"], str(give_up).lower()).inc()
         error = f"{type(exc).__name__}: {exc}"[:500]
-        (log.error if give_up else log.warning)(
-            "notification_failed",
-            kind=row["kind"],
-            attempts=row["attempts"],
-            gave_up=give_up,
-            retry_in_s=None if give_up else round(delay, 1),
-            error=type(exc).__name__,
-        )
+        payload = row["payload"]
+        with structlog.contextvars.bound_contextvars(
+            request_id=payload.get("request_id"), order_id=str(row["order_id"])
+        ):
+            (log.error if give_up else log.warning)(
+                "notification_failed",
+                kind=row["kind"],
+                attempts=row["attempts"],
+                gave_up=give_up,
+                retry_in_s=None if give_up else round(delay, 1),
+                error=type(exc).__name__,
+            )
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
                 await outbox.mark_retry(conn, row["id"], error, delay, give_up)
@@ -137,7 +209,9 @@ class Relay:
     # -- the relay loop ----------------------------------------------------------
 
     def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._dispatcher = loop.create_task(self._dispatch_forever())
+        self._loop_task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         tick = 0
@@ -172,15 +246,23 @@ class Relay:
         """Stop the loop; finish in-flight deliveries and flush until `deadline`
         (time.monotonic()); what is left stays pending for the next replica."""
         self._stopping.set()
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
         if self._loop_task is not None:
             try:
-                await asyncio.wait_for(self._loop_task, max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(self._loop_task, left())
             except (TimeoutError, asyncio.CancelledError):
                 pass
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=max(0.1, deadline - time.monotonic()))
+        # Batches under way first; rows still queued are claimed by the flush below.
+        if self._batches:
+            await asyncio.wait(set(self._batches), timeout=left())
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        self._queue.clear()
         try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            async with asyncio.timeout(left()):
                 while True:  # until nothing is left, or a delivery fails (SMTP is sick)
                     claimed, delivered = await self.run_once(ahead_s=FAST_PATH_HEAD_START_S)
                     if claimed == 0 or delivered < claimed:
@@ -189,8 +271,8 @@ class Relay:
             log.warning("relay_flush_incomplete", detail="left pending for the next replica")
         except Exception as exc:
             log.warning("relay_flush_failed", error=type(exc).__name__)
-        for task in list(self._inflight):
+        for task in list(self._batches):
             task.cancel()
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=1)
+        if self._batches:
+            await asyncio.wait(set(self._batches), timeout=1)
         NOTIFICATIONS_PENDING.set(0)

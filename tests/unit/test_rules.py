@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+
 import pytest
 from pydantic import ValidationError
 
@@ -70,7 +73,9 @@ def test_email_rendering_escapes_html_and_carries_the_message_id():
     }
     kind, topic, payload = email_row(order, "created", "req-1")
     assert (kind, topic) == ("email", "order.created")
-    msg = render(payload, "orders@example.com")
+    out = render(payload, "orders@example.com")
+    assert (out.sender, out.to) == ("orders@example.com", "a@example.com")
+    msg = email.message_from_bytes(out.data, policy=email.policy.default)  # as the receiver reads it
     assert msg["Message-ID"] == message_id(order["id"], "created") == f"<order-{order['id']}.created@orders>"
     assert msg["To"] == "a@example.com"
     text = msg.get_body(("plain",)).get_content()
