@@ -216,11 +216,14 @@ class Relay:
     async def _run(self) -> None:
         tick = 0
         while not self._stopping.is_set():
+            claimed = 0
             try:
-                await self.run_once(housekeeping=tick % 30 == 0)
+                claimed, _ = await self.run_once(housekeeping=tick % 30 == 0)
             except Exception as exc:
                 log.warning("relay_pass_failed", error=type(exc).__name__)
             tick += 1
+            if claimed >= self.settings.relay_batch:
+                continue  # a backlog: keep draining without waiting
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.relay_interval_s)
             except TimeoutError:
