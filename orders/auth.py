@@ -57,7 +57,7 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise Unauthorized("the bearer token is invalid or expired") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not 1 <= len(sub) <= 64:
+        if not isinstance(sub, str) or not 1 <= len(sub) <= 64 or "\x00" in sub:  # PostgreSQL text holds no NUL
             raise Unauthorized("the token's subject is invalid")
         roles = claims.get("roles") or []
         is_admin = isinstance(roles, list) and "admin" in roles

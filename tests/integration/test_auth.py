@@ -28,6 +28,7 @@ BAD_TOKENS = {
     "no sub": "Bearer " + jwt.encode({"exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"),
     "no exp": "Bearer " + jwt.encode({"sub": "c1"}, JWT_SECRET, algorithm="HS256"),
     "sub too long": "Bearer " + jwt.encode({"sub": "c" * 65, "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"),
+    "sub with NUL": "Bearer " + jwt.encode({"sub": "c\x001", "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"),
     "sub not a string": "Bearer " + jwt.encode({"sub": 42, "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"),
     "HS512": "Bearer " + jwt.encode({"sub": "c1", "exp": int(time.time()) + 600}, JWT_SECRET + "x" * 40, algorithm="HS512"),
 }
