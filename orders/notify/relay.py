@@ -52,6 +52,10 @@ SESSION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class LeaseBudgetSpent(Exception):
+    """A delivery batch ran out of lease time (a slow SMTP server)."""
+
+
 def backoff(attempts: int, cap_s: float) -> float:
     """Exponential, with jitter: ~1, 2, 4, ... seconds, at most `cap_s`."""
     return min(cap_s, BACKOFF_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.0)
@@ -149,9 +153,14 @@ class Relay:
         """One SMTP session for the batch; a row that fails is retried later on its own."""
         sent: list[asyncpg.Record] = []
         remaining = list(rows)
+        # The batch's rows are leased for relay_lease_s: stop sending at half of it, so that
+        # no row is still being sent when its lease ends and another claimer may take it.
+        budget_end = time.monotonic() + self.settings.relay_lease_s / 2
         try:
             async with self.mailer.session() as smtp:
                 while remaining:
+                    if time.monotonic() > budget_end:
+                        raise LeaseBudgetSpent("the batch outlasted half its lease; the rest is retried")
                     row = remaining[0]
                     try:
                         await self.mailer.send(smtp, render(row["payload"], self.settings.mail_from))

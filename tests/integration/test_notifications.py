@@ -147,3 +147,35 @@ async def test_audit_log_is_append_only(db, client, n):
             await conn.execute("UPDATE audit_log SET actor = 'x' WHERE order_id = $1", oid)
         with pytest.raises(Exception, match="append-only"):
             await conn.execute("DELETE FROM audit_log WHERE order_id = $1", oid)
+
+
+class SlowSink(SmtpSink):
+    """Takes 0.4 s to accept each message."""
+
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(0.4)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_slow_smtp_server_never_gets_a_row_twice(make_settings, isolated_db):
+    """A batch stops at half its lease, so no row is still being sent when another
+    claimer may take it. SMTP is down while 8 orders are placed (their rows become due
+    for the relays), then comes back slow (0.4 s a message) with a 1 s lease: two relays
+    claim batches that would outlast the lease; nothing may be sent twice."""
+    port = free_port()
+    settings = make_settings(database_url=isolated_db, smtp_port=port, relay_lease_s=1.0,
+                             relay_interval_s=0.1, relay_backoff_max_s=0.3, relay_max_attempts=50)
+    sink = SlowSink(port=port)
+    try:
+        async with running_app(settings) as a, running_app(settings) as b:
+            sku = await make_product(a, stock=100)
+            results = await asyncio.gather(*(place(a if i % 2 else b, f"cust-slow-{i}", (sku, 1)) for i in range(8)))
+            await asyncio.sleep(1)  # the fast path failed: the rows are due for the relays
+            sink.start()
+            expected = {f"<order-{r.json()['id']}.created@orders>" for r in results}
+            await wait_for(lambda: expected <= {m["Message-ID"] for m in sink.messages}, timeout=60)
+            await asyncio.sleep(1.5)
+        counts = Counter(m["Message-ID"] for m in sink.messages)
+        assert {mid: n for mid, n in counts.items() if n > 1} == {}
+    finally:
+        sink.stop()
