@@ -22,7 +22,7 @@ from orders.schemas import EventList, Order, OrderCreate, OrderPage, StatusChang
 
 router = APIRouter(prefix="/v1/orders", tags=["orders"])
 
-IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")  # printable ASCII, space included
 IF_MATCH = header("If-Match", 'the order\'s ETag, e.g. "3" (W/"3" and * accepted)')
 
 

@@ -137,6 +137,15 @@ async def test_streamed_body_over_limit_is_413(client):
     assert r.status_code == 413
 
 
+async def test_a_key_may_hold_any_printable_ascii_including_spaces(client):
+    sku = await make_product(client)
+    key = "order 42 / cart #7 ~!"
+    r = await client.post("/v1/orders", headers={**auth("cust-key-space"), "Idempotency-Key": key}, json=order_body((sku, 1)))
+    assert r.status_code == 201
+    again = await client.post("/v1/orders", headers={**auth("cust-key-space"), "Idempotency-Key": key}, json=order_body((sku, 1)))
+    assert again.headers["idempotent-replayed"] == "true"
+
+
 async def test_413_wins_over_missing_key_and_400_over_422(client):
     r = await client.post("/v1/orders", headers=auth("cust-prec"), content=b"x" * 70_000)
     assert r.status_code == 413

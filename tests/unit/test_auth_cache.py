@@ -69,3 +69,18 @@ def test_the_cache_is_bounded(monkeypatch):
     for t in tokens:
         verifier.verify(f"Bearer {t}")
     assert list(verifier._verified) == tokens[-3:]
+
+
+def test_audience_and_issuer_are_checked_when_set():
+    settings = Settings(_env_file=None, jwt_secret=SECRET, jwt_audience="checkout", jwt_issuer="https://id.example", dev=True)  # type: ignore[call-arg]
+    verifier = TokenVerifier(settings)
+    assert verifier.verify(f"Bearer {mint(settings, 'c1')}").customer_id == "c1"  # mint adds aud and iss
+    exp = int(time.time()) + 600
+    for claims in (
+        {"sub": "c1", "exp": exp},  # neither
+        {"sub": "c1", "exp": exp, "aud": "checkout"},  # no issuer
+        {"sub": "c1", "exp": exp, "aud": "other", "iss": "https://id.example"},
+        {"sub": "c1", "exp": exp, "aud": "checkout", "iss": "https://evil.example"},
+    ):
+        with pytest.raises(Unauthorized):
+            verifier.verify("Bearer " + jwt.encode(claims, SECRET, algorithm="HS256"))
