@@ -27,6 +27,7 @@ Why it cannot serve stale data for long:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from orders.observability import CACHE_EVENTS
@@ -59,6 +61,7 @@ end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
 return 1
 """
+_CAS_SHA = hashlib.sha1(_CAS.encode()).hexdigest()
 
 FailureRecorder = Callable[[list[tuple[str, int]]], Awaitable[None]]
 
@@ -123,7 +126,6 @@ class Cache:
         self._replaying = False
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cas = redis.register_script(_CAS) if redis is not None else None
 
     @classmethod
     def connect(cls, settings: Settings) -> Cache:
@@ -232,7 +234,7 @@ class Cache:
             if self._inflight.get(key) is future:  # not detached by a write meanwhile
                 del self._inflight[key]
         if loaded is not None:
-            await self.store(key, loaded[0], loaded[1], record=False)
+            await self.store(key, loaded[0], loaded[1])
         return value
 
     # -- writes ----------------------------------------------------------------
@@ -243,31 +245,34 @@ class Cache:
         for key in keys:
             self._inflight.pop(key, None)
 
-    async def store(self, key: str, version: int, value: dict[str, Any] | None, *, record: bool = True) -> bool:
-        """Compare-and-set `value` (None: a tombstone) at `version`.
+    def _payload(self, value: dict[str, Any] | None) -> bytes:
+        return b"" if value is None else orjson.dumps(value, option=orjson.OPT_UTC_Z)
 
-        With `record`, a failure is recorded durably for replay (writes after a commit);
-        a cache fill passes record=False: losing a fill loses nothing.
-        """
-        if record:
-            self._detach_loads([key])
-        if self._cas is None:
+    async def cas_many(self, entries: list[tuple[str, int, dict[str, Any] | None]]) -> None:
+        """The compare-and-set script for every (key, version, value or None for a
+        tombstone), in one pipeline; raises on Redis errors. EVALSHA directly: a
+        pipeline of Script objects would ask SCRIPT EXISTS first, one more round trip
+        each time. The script is loaded only when Redis says NOSCRIPT (new or flushed)."""
+        assert self.redis is not None
+        for attempt in (1, 2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, version, value in entries:
+                        pipe.evalsha(_CAS_SHA, 1, key, version, self._payload(value), self.ttl)
+                    await pipe.execute()
+                return
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self.redis.script_load(_CAS)
+
+    async def store(self, key: str, version: int, value: dict[str, Any] | None) -> bool:
+        """One entry, as a cache fill: losing it loses nothing, so a failure is not
+        recorded for replay. True when Redis answered."""
+        if self.redis is None:
             return True
-        payload = b"" if value is None else orjson.dumps(value, option=orjson.OPT_UTC_Z)
-        cas = self._cas
-        ok, _ = await self.call(lambda: cas(keys=[key], args=[version, payload, self.ttl]))
-        if not ok and record and self.record_failure is not None:
-            await self.record_failure([(key, version)])
+        ok, _ = await self.call(lambda: self.cas_many([(key, version, value)]))
         return ok
-
-    async def apply_raw(self, entries: list[tuple[str, int]]) -> None:
-        """Tombstones for (key, version) pairs, one pipeline; raises on Redis errors."""
-        assert self.redis is not None and self._cas is not None
-        cas = self._cas
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, version in entries:
-                await cas(keys=[key], args=[version, b"", self.ttl], client=pipe)
-            await pipe.execute()
 
     async def apply(self, entries: list[tuple[str, int, dict[str, Any] | None]]) -> None:
         """After a commit: each key to its new version (a value, or None for a tombstone),
@@ -275,17 +280,6 @@ class Cache:
         self._detach_loads([key for key, _, _ in entries])
         if self.redis is None or not entries:
             return
-        cas = self._cas
-        assert cas is not None
-        redis = self.redis
-
-        async def run() -> None:
-            async with redis.pipeline(transaction=False) as pipe:
-                for key, version, value in entries:
-                    payload = b"" if value is None else orjson.dumps(value, option=orjson.OPT_UTC_Z)
-                    await cas(keys=[key], args=[version, payload, self.ttl], client=pipe)
-                await pipe.execute()
-
-        ok, _ = await self.call(run)
+        ok, _ = await self.call(lambda: self.cas_many(entries))
         if not ok and self.record_failure is not None:
             await self.record_failure([(key, version) for key, version, _ in entries])

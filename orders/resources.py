@@ -92,7 +92,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
                 entries = await invalidations.pending(conn, REPLAY_BATCH)
             if not entries:
                 return
-            ok, _ = await cache.call(lambda batch=entries: cache.apply_raw(batch))
+            ok, _ = await cache.call(lambda batch=entries: cache.cas_many([(k, v, None) for k, v in batch]))
             if not ok:
                 return
             async with connection(pool, timeout) as conn:

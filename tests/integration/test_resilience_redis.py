@@ -443,13 +443,13 @@ async def _entry(cache: Cache, key: str) -> tuple[int, bool] | None:
 
 async def test_cas_never_replaces_newer_with_older(cache):
     key = cache.prefix + "cas:a"
-    assert await cache.store(key, 2, {"v": 2}, record=False)
-    await cache.store(key, 1, {"v": 1}, record=False)
+    assert await cache.store(key, 2, {"v": 2})
+    await cache.store(key, 1, {"v": 1})
     assert await _entry(cache, key) == (2, True)
     assert await cache.get(key) == {"v": 2}
-    await cache.store(key, 1, None, record=False)  # an older tombstone
+    await cache.store(key, 1, None)  # an older tombstone
     assert await cache.get(key) == {"v": 2}
-    await cache.store(key, 3, {"v": 3}, record=False)
+    await cache.store(key, 3, {"v": 3})
     assert await cache.get(key) == {"v": 3}
     assert cache.redis is not None
     assert 0 < await cache.redis.ttl(key) <= cache.ttl
@@ -457,30 +457,30 @@ async def test_cas_never_replaces_newer_with_older(cache):
 
 async def test_cas_tombstones(cache):
     key = cache.prefix + "cas:b"
-    await cache.store(key, 1, {"v": 1}, record=False)
-    await cache.store(key, 1, None, record=False)  # tombstone never replaces same-version data
+    await cache.store(key, 1, {"v": 1})
+    await cache.store(key, 1, None)  # tombstone never replaces same-version data
     assert await _entry(cache, key) == (1, True)
-    await cache.store(key, 2, None, record=False)  # a newer tombstone does
+    await cache.store(key, 2, None)  # a newer tombstone does
     assert await _entry(cache, key) == (2, False)
     assert await cache.get(key) is None  # a tombstone reads as a miss
-    await cache.store(key, 1, {"v": 1}, record=False)  # older data never replaces it
+    await cache.store(key, 1, {"v": 1})  # older data never replaces it
     assert await _entry(cache, key) == (2, False)
-    await cache.store(key, 2, {"v": 2}, record=False)  # data of v replaces a tombstone of v
+    await cache.store(key, 2, {"v": 2})  # data of v replaces a tombstone of v
     assert await _entry(cache, key) == (2, True)
     assert await cache.get(key) == {"v": 2}
-    await cache.store(key, 2, {"v": "other"}, record=False)  # same-version data stays
+    await cache.store(key, 2, {"v": "other"})  # same-version data stays
     assert await cache.get(key) == {"v": 2}
 
 
 async def test_cas_in_pipelines_and_after_a_script_flush(cache):
     assert cache.redis is not None
     a, b = cache.prefix + "cas:p1", cache.prefix + "cas:p2"
-    await cache.store(a, 5, {"v": 5}, record=False)
+    await cache.store(a, 5, {"v": 5})
     await cache.redis.script_flush()  # as after a Redis restart: the script is reloaded
     await cache.apply([(a, 4, {"v": 4}), (b, 1, {"v": 1})])
     assert await cache.get(a) == {"v": 5} and await cache.get(b) == {"v": 1}
     await cache.redis.script_flush()
-    await cache.apply_raw([(a, 6), (b, 1)])
+    await cache.cas_many([(a, 6, None), (b, 1, None)])  # tombstones, as the replay sends them
     assert await _entry(cache, a) == (6, False) and await _entry(cache, b) == (1, True)
 
 
