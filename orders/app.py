@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -18,7 +17,7 @@ from orders.api import health, orders, products
 from orders.api.openapi import add_schemas
 from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
-from orders.errors import PROBLEM_BASE, install_handlers
+from orders.errors import install_handlers, internal_error
 from orders.observability import RequestContext, configure_logging
 from orders.resources import open_resources
 from orders.schemas import OrderCreate, ProductIn, StatusChange
@@ -56,25 +55,7 @@ class CatchAll:
             log.exception("unhandled_error")
             if started:
                 raise
-            body = orjson.dumps(
-                {
-                    "type": PROBLEM_BASE + "internal-error",
-                    "title": "Internal server error",
-                    "status": 500,
-                    "detail": "an unexpected error occurred",
-                }
-            )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/problem+json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await internal_error()(scope, receive, send)
 
 
 def _watch_sigterm(app: FastAPI) -> Any:

@@ -124,6 +124,17 @@ class Unavailable(Problem):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+def internal_error() -> Response:
+    """The bare 500: nothing of the cause reaches the client (it goes to the log)."""
+    body = {
+        "type": PROBLEM_BASE + "internal-error",
+        "title": "Internal server error",
+        "status": 500,
+        "detail": "an unexpected error occurred",
+    }
+    return problem_response(500, body)
+
+
 def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
@@ -189,14 +200,3 @@ def install_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(asyncpg.CharacterNotInRepertoireError, _unstorable_text)
     app.add_exception_handler(asyncpg.UntranslatableCharacterError, _unstorable_text)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unhandled_error", exc_info=exc)
-        body = {
-            "type": PROBLEM_BASE + "internal-error",
-            "title": "Internal server error",
-            "status": 500,
-            "detail": "an unexpected error occurred",
-        }
-        return problem_response(500, body)

@@ -97,3 +97,24 @@ async def test_pool_exhaustion_answers_503_within_the_acquire_timeout(make_setti
             assert took < 2
         r = await place(c, "cust-pool", (sku, 1))
         assert r.status_code == 201
+
+
+async def test_an_unexpected_error_is_a_bare_500_problem_with_a_request_id(make_settings):
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from orders.app import create_app
+
+    app = create_app(make_settings())
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals: password=hunter2")
+
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orders.test") as c:
+            r = await c.get("/boom")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/internal-error") and r.headers["x-request-id"]
+    assert "hunter2" not in r.text and "Traceback" not in r.text
