@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 from uuid import UUID
 
 import structlog
@@ -10,8 +11,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orders.auth import Principal
-from orders.errors import Forbidden, NotFound
+from orders.domain.cursor import BadCursor
+from orders.errors import Forbidden, NotFound, ValidationFailed
 from orders.resources import Resources
+
+T = TypeVar("T")
 
 _bearer = HTTPBearer(auto_error=False, description="HS256 JWT: `sub` customer id, `exp`, optional `roles`")
 
@@ -41,6 +45,16 @@ CurrentCustomer = Annotated[Principal, Depends(current_principal)]
 def ensure_admin(who: Principal) -> None:
     if not who.is_admin:
         raise Forbidden("this operation is for staff")
+
+
+def parse_cursor(decode: Callable[[str], T], cursor: str | None) -> T | None:
+    """An opaque pagination cursor, decoded; a malformed one is 422 `validation-error`."""
+    if not cursor:
+        return None
+    try:
+        return decode(cursor)
+    except BadCursor:
+        raise ValidationFailed([{"field": "cursor", "message": "malformed cursor", "code": "cursor"}]) from None
 
 
 def parse_order_id(order_id: str) -> UUID:

@@ -14,8 +14,8 @@ from fastapi.responses import Response
 from orders import service
 from orders.api.openapi import header, json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import CurrentCustomer, Res, ensure_admin, parse_order_id
-from orders.domain.cursor import BadCursor, decode_order_cursor
+from orders.deps import CurrentCustomer, Res, ensure_admin, parse_cursor, parse_order_id
+from orders.domain.cursor import decode_order_cursor
 from orders.domain.status import OrderStatus
 from orders.errors import IdempotencyKeyMissing, NotFound, ValidationFailed
 from orders.schemas import EventList, Order, OrderCreate, OrderPage, StatusChange
@@ -86,10 +86,7 @@ async def list_orders(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     customer_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[^\x00]*$")] = None,
 ) -> Response:
-    try:
-        before = decode_order_cursor(cursor) if cursor else None
-    except BadCursor:
-        raise ValidationFailed([{"field": "cursor", "message": "malformed cursor", "code": "cursor"}]) from None
+    before = parse_cursor(decode_order_cursor, cursor)
     body = await service.list_orders(res, who, status=status, limit=limit, before=before, customer_id=customer_id)
     return Response(orjson.dumps(body), media_type="application/json")
 

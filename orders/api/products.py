@@ -12,9 +12,9 @@ from fastapi.responses import Response
 from orders import service
 from orders.api.openapi import json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import CurrentCustomer, Res, ensure_admin
-from orders.domain.cursor import BadCursor, decode_sku_cursor
-from orders.errors import NotFound, ValidationFailed
+from orders.deps import CurrentCustomer, Res, ensure_admin, parse_cursor
+from orders.domain.cursor import decode_sku_cursor
+from orders.errors import NotFound
 from orders.schemas import SKU_PATTERN, Product, ProductIn, ProductPage
 
 router = APIRouter(prefix="/v1/products", tags=["catalog"])
@@ -34,10 +34,7 @@ async def list_products(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
-    try:
-        after = decode_sku_cursor(cursor) if cursor else None
-    except BadCursor:
-        raise ValidationFailed([{"field": "cursor", "message": "malformed cursor", "code": "cursor"}]) from None
+    after = parse_cursor(decode_sku_cursor, cursor)
     page = await service.list_products(res, after, limit)
     return Response(orjson.dumps(page), media_type="application/json")
 

@@ -3,7 +3,7 @@
 * `dispatch(ids)` is what a request's BackgroundTask calls: it queues that request's
   rows for the dispatcher and returns at once, so a slow or hung SMTP server never holds
   the HTTP connection (nor the next request on it). The queue is bounded
-  (`ORDERS_NOTIFY_MAX_INFLIGHT` x 10 rows); past that the rows wait for the relay.
+  (`ORDERS_NOTIFY_QUEUE_MAX` rows); past that the rows wait for the relay.
   Nothing is lost either way: the rows are in PostgreSQL.
 * The dispatcher takes whatever is queued as one batch (so under load many orders share
   one claim, one SMTP session and one "sent" statement) and runs up to
@@ -74,7 +74,7 @@ class Relay:
         self.settings = settings
         self.replay_invalidations = replay_invalidations
         self._queue: deque[int] = deque()
-        self._queue_max = settings.notify_max_inflight * 10
+        self._queue_max = settings.notify_queue_max
         self._queued = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(DISPATCH_CONCURRENCY)
