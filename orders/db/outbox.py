@@ -58,12 +58,14 @@ SELECT id, order_id, payload->>'actor', payload->>'action', payload->'before', p
 ON CONFLICT (outbox_id) DO NOTHING
 """
 
+# Batched: one row of ($1 id, $3 delay, $4 give up) per failed row, one error text $2.
 RETRY_SQL = """
-UPDATE outbox
+UPDATE outbox o
    SET claimed_until = NULL, last_error = left($2, 500),
-       next_attempt_at = now() + make_interval(secs => $3),
-       status = CASE WHEN $4 THEN 'failed' ELSE 'pending' END
- WHERE id = $1 AND status = 'pending'
+       next_attempt_at = now() + make_interval(secs => r.delay),
+       status = CASE WHEN r.give_up THEN 'failed' ELSE 'pending' END
+  FROM unnest($1::bigint[], $3::float8[], $4::bool[]) AS r(id, delay, give_up)
+ WHERE o.id = r.id AND o.status = 'pending'
 """
 
 
@@ -81,8 +83,11 @@ async def mark_sent(conn: asyncpg.Connection, row_ids: list[int], kind: str) -> 
     await conn.execute(EMAIL_SENT_SQL if kind == "email" else AUDIT_SENT_SQL, row_ids)
 
 
-async def mark_retry(conn: asyncpg.Connection, row_id: int, error: str, delay_s: float, give_up: bool) -> None:
-    await conn.execute(RETRY_SQL, row_id, error, delay_s, give_up)
+async def mark_retry(
+    conn: asyncpg.Connection, row_ids: list[int], error: str, delays_s: list[float], give_up: list[bool]
+) -> None:
+    """Rows that failed with `error`: pending again after their delay, or `failed`."""
+    await conn.execute(RETRY_SQL, row_ids, error, delays_s, give_up)
 
 
 async def stats(conn: asyncpg.Connection) -> asyncpg.Record:

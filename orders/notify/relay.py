@@ -139,8 +139,7 @@ class Relay:
         try:
             await self._mark_sent([r["id"] for r in rows], "audit")
         except Exception as exc:
-            for row in rows:
-                await self._failed(row, exc)
+            await self._failed(rows, exc)
             return 0
         for row in rows:
             p: dict[str, Any] = row["payload"]
@@ -168,12 +167,11 @@ class Relay:
                         raise
                     except Exception as exc:  # refused recipient and the like: this row only
                         remaining.pop(0)
-                        await self._failed(row, exc)
+                        await self._failed([row], exc)
                         continue
                     sent.append(remaining.pop(0))
         except Exception as exc:  # the session broke: what is left is retried later
-            for row in remaining:
-                await self._failed(row, exc)
+            await self._failed(remaining, exc)
         if not sent:
             return 0
         try:
@@ -192,28 +190,36 @@ class Relay:
         async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
             await outbox.mark_sent(conn, ids, kind)
 
-    async def _failed(self, row: asyncpg.Record, exc: BaseException) -> None:
-        give_up = row["attempts"] >= self.settings.relay_max_attempts
-        delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
-        NOTIFICATIONS_FAILED.labels(row["kind"], str(give_up).lower()).inc()
+    async def _failed(self, rows: list[asyncpg.Record], exc: BaseException) -> None:
+        """Rows that failed with `exc`: each backs off by its attempts, or gives up at the
+        cap; one statement records them all."""
+        if not rows:
+            return
         error = f"{type(exc).__name__}: {exc}"[:500]
-        payload = row["payload"]
-        with structlog.contextvars.bound_contextvars(
-            request_id=payload.get("request_id"), order_id=str(row["order_id"])
-        ):
-            (log.error if give_up else log.warning)(
-                "notification_failed",
-                kind=row["kind"],
-                attempts=row["attempts"],
-                gave_up=give_up,
-                retry_in_s=None if give_up else round(delay, 1),
-                error=type(exc).__name__,
-            )
+        delays, give_ups = [], []
+        for row in rows:
+            give_up = row["attempts"] >= self.settings.relay_max_attempts
+            delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
+            delays.append(delay)
+            give_ups.append(give_up)
+            NOTIFICATIONS_FAILED.labels(row["kind"], str(give_up).lower()).inc()
+            payload = row["payload"]
+            with structlog.contextvars.bound_contextvars(
+                request_id=payload.get("request_id"), order_id=str(row["order_id"])
+            ):
+                (log.error if give_up else log.warning)(
+                    "notification_failed",
+                    kind=row["kind"],
+                    attempts=row["attempts"],
+                    gave_up=give_up,
+                    retry_in_s=None if give_up else round(delay, 1),
+                    error=type(exc).__name__,
+                )
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
-                await outbox.mark_retry(conn, row["id"], error, delay, give_up)
-        except Exception as exc2:  # the lease expires and the row is retried anyway
-            log.warning("notify_mark_retry_failed", error=type(exc2).__name__)
+                await outbox.mark_retry(conn, [r["id"] for r in rows], error, delays, give_ups)
+        except Exception as exc2:  # the leases expire and the rows are retried anyway
+            log.warning("notify_mark_retry_failed", error=type(exc2).__name__, rows=len(rows))
 
     # -- the relay loop ----------------------------------------------------------
 
