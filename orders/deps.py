@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orders.auth import Principal
 from orders.domain.cursor import BadCursor
-from orders.errors import Forbidden, NotFound, ValidationFailed
+from orders.errors import Forbidden, NotFound, Unavailable, ValidationFailed
 from orders.resources import Resources
 
 T = TypeVar("T")
@@ -26,7 +26,17 @@ async def get_resources(request: Request) -> Resources:
     return res
 
 
-Res = Annotated[Resources, Depends(get_resources)]
+async def serving_resources(res: Annotated[Resources, Depends(get_resources)]) -> Resources:
+    """The resources of a route that does business: after SIGTERM a request that arrives
+    (on a keep-alive connection still open) is told to go elsewhere, 503 with Retry-After."""
+    if res.draining.is_set():
+        raise Unavailable("the service is draining", retry_after=1)
+    return res
+
+
+# Business routes; the probes and /metrics take ProbeRes and keep answering while draining.
+Res = Annotated[Resources, Depends(serving_resources)]
+ProbeRes = Annotated[Resources, Depends(get_resources)]
 
 
 async def current_principal(

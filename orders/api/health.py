@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orders.api.openapi import PROBLEM, RETRY_AFTER
-from orders.deps import Res
+from orders.deps import ProbeRes
 from orders.errors import PROBLEM_BASE, problem_response
 from orders.observability import POOL_IN_USE, POOL_SIZE
 
@@ -47,7 +47,7 @@ READY_SCHEMA = {
         },
     },
 )
-async def readyz(res: Res) -> Response:
+async def readyz(res: ProbeRes) -> Response:
     postgres = "ok"
     try:
         async with asyncio.timeout(READY_PG_TIMEOUT_S):
@@ -75,7 +75,7 @@ async def readyz(res: Res) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(res: Res) -> Response:
+async def metrics(res: ProbeRes) -> Response:
     POOL_SIZE.set(res.pool.get_size())
     POOL_IN_USE.set(res.pool.get_size() - res.pool.get_idle_size())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
