@@ -106,9 +106,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    app.include_router(products.router)
-    app.include_router(orders.router)
-    app.include_router(health.router)
+    # The routes go straight onto the application's router, not through include_router:
+    # FastAPI 0.165 keeps an included router as a node that re-walks its routes on every
+    # request (18 % of a cached GET's CPU in the profile, docs/PERFORMANCE.md). The
+    # routers carry only a prefix and tags, which their routes already hold.
+    for router in (products.router, orders.router, health.router):
+        app.router.routes.extend(router.routes)
 
     # Outermost last: RequestContext(CORS(BodyLimit(CatchAll(app)))).
     app.add_middleware(CatchAll)
