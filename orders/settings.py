@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     relay_max_attempts: int = Field(10, ge=1)
     relay_lease_s: float = Field(60.0, gt=0)
     relay_backoff_max_s: float = Field(300.0, gt=0)
+    # Fast-path delivery batches (each one SMTP session) under way at once, per worker.
+    relay_concurrency: int = Field(16, ge=1, le=64)
     # Outbox rows queued for the fast path at most; past it they wait for the relay.
     notify_queue_max: int = Field(1000, ge=1)
     idempotency_retention_h: int = Field(48, ge=24)

@@ -7,7 +7,9 @@
   Nothing is lost either way: the rows are in PostgreSQL.
 * The dispatcher takes whatever is queued as one batch (so under load many orders share
   one claim, one SMTP session and one "sent" statement) and runs up to
-  `DISPATCH_CONCURRENCY` batches at a time.
+  `ORDERS_RELAY_CONCURRENCY` batches at a time. Under saturation every SMTP command
+  waits for a full turn of a busy event loop, so a few sessions alone fall far behind
+  (4 sessions: 11 000 rows left after a 15 s bench run; 16: 3 700, see PERFORMANCE.md).
 * The relay loop claims due rows with FOR UPDATE SKIP LOCKED plus a lease, so replicas
   share the work without sending a row twice; failures back off exponentially up to a
   cap of attempts, after which the row is `failed` (metric + error log). It also
@@ -41,7 +43,6 @@ audit_log = structlog.get_logger("audit")
 # The relay leaves a new row to its request's BackgroundTask for this long.
 FAST_PATH_HEAD_START_S = 5.0
 BACKOFF_BASE_S = 1.0
-DISPATCH_CONCURRENCY = 4
 # Errors after which an SMTP session is unusable: the rest of the batch waits for a retry.
 SESSION_ERRORS: tuple[type[BaseException], ...] = (
     aiosmtplib.SMTPServerDisconnected,
@@ -77,7 +78,7 @@ class Relay:
         self._queue_max = settings.notify_queue_max
         self._queued = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(DISPATCH_CONCURRENCY)
+        self._slots = asyncio.Semaphore(settings.relay_concurrency)
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
