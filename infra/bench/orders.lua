@@ -1,7 +1,9 @@
 -- POST /v1/orders: a unique Idempotency-Key per request, a random customer out of
 -- the pre-minted tokens, two lines from two halves of the bench catalog (the same
 -- distribution as the pgbench script). Env: BENCH_DIR, BENCH_TOKENS, BENCH_SKU_LO/MID/HI,
--- BENCH_RUN (key prefix).
+-- BENCH_RUN (key prefix), BENCH_PACE_MS (optional: each connection waits an exponentially
+-- distributed pause of this mean before each request, so that the offered load is about
+-- connections / (pause + latency) per second instead of as fast as the service answers).
 dofile(os.getenv("BENCH_DIR") .. "/report.lua")
 
 local tokens = {}
@@ -12,6 +14,7 @@ local lo = tonumber(os.getenv("BENCH_SKU_LO"))
 local mid = tonumber(os.getenv("BENCH_SKU_MID"))
 local hi = tonumber(os.getenv("BENCH_SKU_HI"))
 local run = os.getenv("BENCH_RUN")
+local pace = tonumber(os.getenv("BENCH_PACE_MS") or "")
 
 local threads = {}
 function setup(thread)
@@ -38,4 +41,10 @@ function request()
     ["Content-Type"] = "application/json",
     ["Idempotency-Key"] = prefix .. counter,
   }, body)
+end
+
+if pace then
+  function delay()
+    return math.floor(-math.log(1 - math.random()) * pace)
+  end
 end
