@@ -13,7 +13,7 @@ What it does (everything on this machine, loopback only, bounded in time):
        customer per request (infra/bench/orders.lua), as fast as it answers; then
        waiting until the outbox backlog of the run is delivered (CPU counted until
        then, "sustained" = orders / (run + delivery time));
-     - the same at about BENCH_PACE_SHARE (0.5) of that peak, for latency below
+     - the same at about BENCH_PACE_SHARE (0.5) of that sustained rate, for latency below
        saturation (each connection pauses between requests),
      - GET /v1/orders/{id} of orders in the cache (infra/bench/get_order.lua),
    then the bare FastAPI endpoint (infra/bench/bare_app.py) with the same uvicorn
@@ -729,9 +729,9 @@ def main() -> int:
                 )
                 run["create"] = create
                 # Latency below saturation: the same requests offered at about PACE_SHARE of
-                # the peak just measured (each connection pauses between requests), with the
-                # same 64 connections. Closed-loop at saturation, latency is only Little's law.
-                pace_ms = CONNECTIONS / (PACE_SHARE * create["rps"]) * 1000
+                # the sustained rate just measured (each connection pauses between requests),
+                # same connections. Closed-loop at saturation, latency is only Little's law.
+                pace_ms = CONNECTIONS / (PACE_SHARE * create["sustained_rps"]) * 1000
                 paced = run_wrk(
                     wrk,
                     "orders.lua",
@@ -814,7 +814,7 @@ def print_table(results: dict[str, Any]) -> None:
     tx, full = results.get("pgbench_tx"), results.get("pgbench_full")
     names = {
         "create": "POST /v1/orders",
-        "paced": f"POST /v1/orders at ~{PACE_SHARE:.0%} of peak",
+        "paced": f"POST /v1/orders at ~{PACE_SHARE:.0%} of sustained",
         "get": "GET /v1/orders/{id} cached",
         "bare": "bare FastAPI GET",
     }
