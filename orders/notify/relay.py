@@ -42,6 +42,8 @@ audit_log = structlog.get_logger("audit")
 
 # The relay leaves a new row to its request's BackgroundTask for this long.
 FAST_PATH_HEAD_START_S = 5.0
+DISPATCH_LINGER_S = 0.05
+BACKPRESSURE_LOG_S = 5.0
 BACKOFF_BASE_S = 1.0
 # Errors after which an SMTP session is unusable: the rest of the batch waits for a retry.
 SESSION_ERRORS: tuple[type[BaseException], ...] = (
@@ -77,6 +79,8 @@ class Relay:
         self._queue: deque[int] = deque()
         self._queue_max = settings.notify_queue_max
         self._queued = asyncio.Event()
+        self._left_to_relay = 0
+        self._backpressure_logged_at = -BACKPRESSURE_LOG_S
         self._batches: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.relay_concurrency)
         self._dispatcher: asyncio.Task[None] | None = None
@@ -89,14 +93,23 @@ class Relay:
         if not ids:
             return
         if self._stopping.is_set() or len(self._queue) + len(ids) > self._queue_max:
-            log.warning("notify_backpressure", pending_rows=len(ids))
-            return  # the relay delivers them
+            # The relay delivers them. One line per BACKPRESSURE_LOG_S, not one per
+            # request: under overload that would be a log line per order.
+            self._left_to_relay += len(ids)
+            now = time.monotonic()
+            if now - self._backpressure_logged_at >= BACKPRESSURE_LOG_S:
+                log.warning("notify_backpressure", rows_left_to_relay=self._left_to_relay)
+                self._left_to_relay, self._backpressure_logged_at = 0, now
+            return
         self._queue.extend(ids)
         self._queued.set()
 
     async def _dispatch_forever(self) -> None:
         while True:
             await self._queued.wait()
+            # Let the rows of the next few responses join this batch: below saturation
+            # every order would otherwise pay its own claim, SMTP session and "sent" statements.
+            await asyncio.sleep(DISPATCH_LINGER_S)
             self._queued.clear()
             while self._queue:
                 await self._slots.acquire()

@@ -113,6 +113,32 @@ async def test_two_instances_send_each_email_exactly_once(make_settings, isolate
         sink.stop()
 
 
+async def test_rows_past_the_fast_path_queue_are_delivered_by_the_relay(make_settings, isolated_db, isolated_pool):
+    """A fast-path queue of 2 rows (one order's): most of 40 concurrent orders overflow
+    it, and the relay still delivers each email and audit entry exactly once."""
+    sink = SmtpSink()
+    sink.start()
+    try:
+        settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1, notify_queue_max=2)
+        async with running_app(settings) as c:
+            sku = await make_product(c, stock=1000)
+            results = await asyncio.gather(*(place(c, f"cust-bp-{i}", (sku, 1)) for i in range(40)))
+            assert [r.status_code for r in results] == [201] * 40
+            expected = {f"<order-{r.json()['id']}.created@orders>" for r in results}
+            await wait_for(lambda: expected <= {m["Message-ID"] for m in sink.messages}, timeout=60)
+        counts = Counter(m["Message-ID"] for m in sink.messages)
+        assert {mid: n for mid, n in counts.items() if n > 1} == {}
+        async with isolated_pool.acquire() as conn:
+            ids = [r.json()["id"] for r in results]
+            assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE order_id = ANY($1::uuid[])", ids) == 40
+            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE status <> 'sent'") == 0
+            # Rows past the queue waited for the relay (it leaves them to the fast path for
+            # FAST_PATH_HEAD_START_S = 5 s): so the overflow did happen and the relay took it.
+            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at - created_at > interval '4 s'") > 0
+    finally:
+        sink.stop()
+
+
 async def test_a_failing_row_gives_up_after_the_cap_and_is_counted(make_settings, isolated_db, isolated_pool):
     settings = make_settings(database_url=isolated_db, smtp_port=free_port(), relay_interval_s=0.1, relay_backoff_max_s=0.2, relay_max_attempts=3)
     async with running_app(settings) as c:
