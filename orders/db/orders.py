@@ -133,16 +133,21 @@ async def page(
 
 
 # A status change: the order row (already locked by get_for_update), its event, its
-# outbox rows; `$6` releases the stock when the change is a cancellation.
+# outbox rows; `$6` releases the stock when the change is a cancellation, locking the
+# product rows in SKU order first, as a new order does (products.RESERVE_SQL).
 CHANGE_SQL = """
 WITH changed AS (
     UPDATE orders SET status = $2, version = version + 1, updated_at = now()
      WHERE id = $1
  RETURNING id, version, updated_at
+), locked AS MATERIALIZED (
+    SELECT p.sku FROM products p
+     WHERE $6 AND p.sku IN (SELECT i.sku FROM order_items i WHERE i.order_id = $1)
+     ORDER BY p.sku FOR UPDATE
 ), released AS (
     UPDATE products p
        SET stock = p.stock + i.quantity, version = p.version + 1, updated_at = now()
-      FROM order_items i
+      FROM order_items i JOIN locked USING (sku)
      WHERE $6 AND i.order_id = $1 AND p.sku = i.sku
  RETURNING p.sku, p.version
 ), event AS (
