@@ -29,6 +29,7 @@ from orders.errors import (
     InvalidTransition,
     NotFound,
     PreconditionFailed,
+    Unavailable,
     UnknownSku,
     ValidationFailed,
 )
@@ -102,9 +103,11 @@ async def place_order(
                     conn, res, who, key, fingerprint, req, skus, quantities, request_id
                 )
             break
-        except asyncpg.DeadlockDetectedError:
+        except asyncpg.DeadlockDetectedError as exc:
+            # Product rows are locked in SKU order, so this should not happen; if it does,
+            # the transaction rolled back and the client may retry with its key.
             if attempt == DEADLOCK_RETRIES - 1:
-                raise
+                raise Unavailable("the order could not be placed now, retry with the same key", retry_after=1) from exc
             log.warning("order_deadlock_retry", attempt=attempt + 1)
         except asyncpg.UniqueViolationError as exc:
             if exc.table_name != "idempotency_keys":
