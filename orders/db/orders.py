@@ -143,7 +143,7 @@ WITH changed AS (
 ), locked AS MATERIALIZED (
     SELECT p.sku FROM products p
      WHERE $6 AND p.sku IN (SELECT i.sku FROM order_items i WHERE i.order_id = $1)
-     ORDER BY p.sku FOR UPDATE
+     ORDER BY p.sku FOR NO KEY UPDATE
 ), released AS (
     UPDATE products p
        SET stock = p.stock + i.quantity, version = p.version + 1, updated_at = now()
