@@ -51,7 +51,7 @@ def uvicorn_config(settings: Settings, app: object | str = "orders.main:app") ->
         # Bounded: uvicorn's default waits forever. The rest of the grace goes to
         # flushing notifications in the lifespan shutdown.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s * 0.6)),
-        timeout_keep_alive=5,
+        timeout_keep_alive=settings.keepalive_s,
     )
 
 

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     max_body_bytes: int = Field(65536, ge=1024)
     shutdown_grace_s: float = Field(25.0, ge=0)
+    # Idle keep-alive connections are closed after this long. Longer than the idle timeout
+    # of the proxies in front (nginx and cloud load balancers: 60 s), so that a proxy never
+    # reuses a connection the service is closing at that instant (a 502 at the proxy).
+    keepalive_s: int = Field(75, ge=1, le=3600)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rate_limit_per_minute: int = Field(60, ge=0)
