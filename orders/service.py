@@ -40,7 +40,7 @@ from orders.schemas import OrderCreate
 
 log = structlog.get_logger("orders.service")
 
-DEADLOCK_RETRIES = 3
+PLACE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,11 @@ def _replay(record: asyncpg.Record, fingerprint: bytes) -> Placed:
     return Placed(record["status_code"], body, doc["id"], doc["version"], True, [])
 
 
+class CatalogChanged(Exception):
+    """A product's name, price or currency changed between the snapshot an order was
+    priced from and its reservation: the transaction rolls back and is placed again."""
+
+
 async def place_order(
     res: Resources,
     who: Principal,
@@ -78,9 +83,9 @@ async def place_order(
     # Sorted, so that concurrent orders lock product rows in one order.
     lines = sorted(req.items, key=lambda line: line.sku)
     skus = [line.sku for line in lines]
-    quantities = [line.quantity for line in lines]
     timeout = res.settings.db_acquire_timeout_s
-    for attempt in range(DEADLOCK_RETRIES):
+    counted = False
+    for attempt in range(PLACE_ATTEMPTS):
         try:
             async with connection(res.pool, timeout) as conn, conn.transaction():
                 claim = await idempotency.claim(conn, who.customer_id, key, skus)
@@ -94,21 +99,21 @@ async def place_order(
                             }
                         ]
                     )
-                await res.limiter.check(who.customer_id)
+                if not counted:  # once per request, whatever the attempts
+                    counted = True
+                    await res.limiter.check(who.customer_id)
                 if not claim["locked"]:
                     raise IdempotencyInProgress()
                 if claim["request_hash"] is not None:
                     return _replay(claim, fingerprint)
-                placed, order, reserved = await _reserve_and_write(
-                    conn, res, who, key, fingerprint, req, skus, quantities, request_id
-                )
+                placed, order, reserved = await _place(conn, who, key, fingerprint, req, lines, claim, request_id)
             break
-        except asyncpg.DeadlockDetectedError as exc:
-            # Product rows are locked in SKU order, so this should not happen; if it does,
-            # the transaction rolled back and the client may retry with its key.
-            if attempt == DEADLOCK_RETRIES - 1:
+        except (asyncpg.DeadlockDetectedError, CatalogChanged) as exc:
+            # Product rows are locked in SKU order, so a deadlock should not happen; a
+            # price changed by staff meanwhile may. Either way the transaction rolled back.
+            if attempt == PLACE_ATTEMPTS - 1:
                 raise Unavailable("the order could not be placed now, retry with the same key", retry_after=1) from exc
-            log.warning("order_deadlock_retry", attempt=attempt + 1)
+            log.warning("order_retry", attempt=attempt + 1, reason=type(exc).__name__)
         except asyncpg.UniqueViolationError as exc:
             if exc.table_name != "idempotency_keys":
                 raise
@@ -124,37 +129,38 @@ async def place_order(
     return placed
 
 
-async def _reserve_and_write(
+async def _place(
     conn: asyncpg.Connection,
-    res: Resources,
     who: Principal,
     key: str,
     fingerprint: bytes,
     req: OrderCreate,
-    skus: list[str],
-    quantities: list[int],
+    lines: list[Any],
+    claim: asyncpg.Record,
     request_id: str | None,
 ) -> tuple[Placed, dict[str, Any], list[tuple[str, int]]]:
-    rows = await products.reserve(conn, skus, quantities)
-    short = sorted(r["sku"] for r in rows if r["known"] and not r["reserved"])
+    """Price the order from the claim's snapshot of the catalog, then reserve and write
+    it in one statement (orders.PLACE_SQL)."""
+    catalog = {
+        sku: (name, price, stock)
+        for sku, name, price, stock in zip(
+            claim["skus"] or [], claim["names"] or [], claim["unit_prices"] or [], claim["stocks"] or [], strict=True
+        )
+    }
+    # Decided on the snapshot when it already says no (stock only grows by a cancel).
+    short = sorted(line.sku for line in lines if line.sku in catalog and catalog[line.sku][2] < line.quantity)
     if short:
         raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=short)
-    unknown = sorted(r["sku"] for r in rows if not r["known"])
+    unknown = sorted(line.sku for line in lines if line.sku not in catalog)
     if unknown:
         raise UnknownSku("some SKUs are not in the catalog", skus=unknown)
-    by_sku = {r["sku"]: r for r in rows}
+    currency: str = claim["currency"]
     priced = [
-        PricedLine(
-            line.sku,
-            by_sku[line.sku]["name"],
-            line.quantity,
-            by_sku[line.sku]["unit_price"],
-            by_sku[line.sku]["currency"],
-        )
+        PricedLine(line.sku, catalog[line.sku][0], line.quantity, catalog[line.sku][1], currency)
         for line in req.items  # the client's order of lines
     ]
     totals = order_totals(priced)
-    now = rows[0]["now"]
+    now = claim["now"]  # the transaction's timestamp
     stamp = rfc3339(now)
     order = {
         "id": str(uuid.uuid4()),
@@ -181,7 +187,7 @@ async def _reserve_and_write(
     }
     body = orjson.dumps(order)
     after = {"status": "pending", "version": 1, "total": totals.total, "currency": totals.currency}
-    outbox_ids = await orders.insert(
+    row = await orders.place(
         conn,
         order=order,
         created_at=now,
@@ -194,9 +200,14 @@ async def _reserve_and_write(
         idempotency_key=key,
         request_hash=fingerprint,
         response_body=body,
+        terms=[(line.sku, line.quantity, catalog[line.sku][0], catalog[line.sku][1]) for line in lines],
     )
-    reserved = [(r["sku"], r["version"]) for r in rows]
-    return Placed(201, body, order["id"], 1, False, outbox_ids), order, reserved
+    if not row["placed"]:
+        if not row["same_terms"]:
+            raise CatalogChanged()
+        raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=list(row["short"] or []))
+    reserved = list(zip(row["reserved_skus"], row["reserved_versions"], strict=True))
+    return Placed(201, body, order["id"], 1, False, list(row["outbox_ids"] or [])), order, reserved
 
 
 def _if_match_ok(if_match: str | None, version: int) -> bool:

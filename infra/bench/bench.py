@@ -19,8 +19,8 @@ What it does (everything on this machine, loopback only, bounded in time):
    then the bare FastAPI endpoint (infra/bench/bare_app.py) with the same uvicorn
    settings and worker count;
 3. the order transaction as plain SQL through pgbench: a script generated from the
-   service's own SQL (orders.db.idempotency.CLAIM_SQL, products.RESERVE_SQL,
-   orders.INSERT_SQL: the same statements, in BEGIN/COMMIT, one round trip each, values
+   service's own SQL (orders.db.idempotency.CLAIM_SQL, orders.PLACE_SQL: the same
+   statements, in BEGIN/COMMIT, one round trip each, values
    passed as bind parameters with the sizes of a real order), same database, same client
    count; plus a second script that adds the outbox delivery statements the service runs
    per order after the response (claim, mark email sent, mark audit sent);
@@ -70,7 +70,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 from orders.auth import mint  # noqa: E402
-from orders.db import idempotency, orders, outbox, products  # noqa: E402
+from orders.db import idempotency, orders, outbox  # noqa: E402
 from orders.devservers import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
 
@@ -359,12 +359,12 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
             "\\set key random(1, 9000000000000000000)",
         ]
     )
+    names = "ARRAY['Bench product B' || :s1, 'Bench product B' || :s2]"
     claim = _sub(idempotency.CLAIM_SQL, {1: ":cid", 2: ":key", 3: SKUS})
-    reserve = _sub(products.RESERVE_SQL, {1: SKUS, 2: ":qty"})
     # $1 (the order id, made by the service in Python) comes from a CTE; $8 (the
-    # transaction's now(), read by the reservation) is now().
-    insert = _sub(
-        orders.INSERT_SQL,
+    # transaction's now(), read by the claim) is now().
+    place = _sub(
+        orders.PLACE_SQL,
         {
             1: "(SELECT id FROM v)",
             2: ":cid",
@@ -376,7 +376,7 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
             8: "now()",
             9: ":pos",
             10: SKUS,
-            11: "ARRAY['Bench product B' || :s1, 'Bench product B' || :s2]",
+            11: names,
             12: ":qty",
             13: ":prices",
             14: ":totals",
@@ -388,18 +388,22 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
             20: ":key",
             21: ":hash",
             22: ":resp",
+            23: SKUS,
+            24: ":qty",
+            25: names,
+            26: ":prices",
         },
     )
-    assert insert.startswith("WITH ")
-    insert = "WITH v AS (SELECT gen_random_uuid() AS id), " + insert[len("WITH ") :]
-    tx = f"{head}\nBEGIN;\n{claim};\n{reserve};\n{insert};\nCOMMIT;\n"
+    assert place.startswith("WITH ")
+    place = "WITH v AS (SELECT gen_random_uuid() AS id), " + place[len("WITH ") :]
+    tx = f"{head}\nBEGIN;\n{claim};\n{place};\nCOMMIT;\n"
     claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease"})
     # The service marks rows sent in batches (many orders per statement under load);
     # here, per order, as the unbatched worst case.
     email_sent = _sub(outbox.EMAIL_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[1]]"})
     audit_sent = _sub(outbox.AUDIT_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[2]]"})
     full = (
-        f"{head}\nBEGIN;\n{claim};\n{reserve};\n{insert} \\gset\nCOMMIT;\n{claim_ids};\n{email_sent};\n{audit_sent};\n"
+        f"{head}\nBEGIN;\n{claim};\n{place} \\gset\nCOMMIT;\n{claim_ids};\n{email_sent};\n{audit_sent};\n"
     )
     tx_path, full_path = out / "pgbench-order-tx.sql", out / "pgbench-order-tx-outbox.sql"
     tx_path.write_text(tx)

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncpg
 
-# One round trip: the lock, the existing record, and whether the requested SKUs
-# span several currencies (a validation error that must win over the key's outcome).
+# One round trip: the lock, the existing record, and a snapshot of the requested SKUs
+# (read without locking them): how many currencies they span (a validation error that
+# must win over the key's outcome), and their currency, names, prices and stock, by SKU.
+# The order is priced from this snapshot; orders.PLACE_SQL then locks the rows and
+# reserves only if stock and terms still hold on their latest versions.
 CLAIM_SQL = """
 SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2)) AS locked,
        k.request_hash, k.status_code, k.response_body,
-       (SELECT count(DISTINCT currency) FROM products WHERE sku = ANY($3::text[])) AS currencies
+       c.currencies, c.currency, c.skus, c.names, c.unit_prices, c.stocks, now() AS now
   FROM (SELECT 1) AS one
   LEFT JOIN idempotency_keys k ON k.customer_id = $1 AND k.key = $2
+ CROSS JOIN (SELECT count(DISTINCT p.currency) AS currencies, min(p.currency::text) AS currency,
+                    array_agg(p.sku ORDER BY p.sku) AS skus, array_agg(p.name ORDER BY p.sku) AS names,
+                    array_agg(p.unit_price ORDER BY p.sku) AS unit_prices,
+                    array_agg(p.stock ORDER BY p.sku) AS stocks
+               FROM products p WHERE p.sku = ANY($3::text[])) AS c
 """
 
 

@@ -1,31 +1,64 @@
-"""The reservation statement (orders.db.products.RESERVE_SQL) on its own: it locks the
-product rows and judges stock on their latest versions, never on its snapshot."""
+"""The reservation (orders.db.orders.PLACE_SQL): an order is priced from the claim's
+snapshot of the catalog; the reservation locks the product rows and judges stock and
+terms on their latest versions, never on that snapshot."""
 
 from __future__ import annotations
 
 import asyncio
 
-from orders.db import products
-from tests.conftest import make_product
+from tests.conftest import make_product, place
 
 
-async def test_a_waiting_reservation_sees_the_stock_left_by_the_one_it_waited_for(client, db):
-    """Two reservations of one row: the second waits for the first's lock and then
-    judges the stock of the row as the first left it, not as its own snapshot saw it."""
+async def _wait_for_lock_wait(conn) -> None:
+    """Until some backend waits for a row lock in a reservation."""
+    for _ in range(200):
+        if await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE%'"
+        ):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the order never waited for the product row")
+
+
+async def test_stock_taken_while_an_order_waits_is_judged_on_the_latest_row(client, db):
+    """The snapshot says 5 in stock; another transaction takes 4 and commits while the
+    order waits for the row: the order (3) is refused and writes nothing."""
     sku = await make_product(client, stock=5)
-    async with db.acquire() as first, db.acquire() as second:
-        tx1 = first.transaction()
-        await tx1.start()
-        assert [r["reserved"] for r in await products.reserve(first, [sku], [4])] == [True]
-        tx2 = second.transaction()
-        await tx2.start()
-        waiting = asyncio.create_task(products.reserve(second, [sku], [3]))
-        await asyncio.sleep(0.3)
-        assert not waiting.done(), "the second reservation waits for the row lock"
-        await tx1.commit()
-        rows = await asyncio.wait_for(waiting, 5)
-        assert [(r["reserved"], r["known"]) for r in rows] == [(False, True)]
-        assert [r["reserved"] for r in await products.reserve(second, [sku], [1])] == [True]
-        await tx2.commit()
+    async with db.acquire() as other, db.acquire() as watcher:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("UPDATE products SET stock = stock - 4, version = version + 1 WHERE sku = $1", sku)
+        order = asyncio.create_task(place(client, "cust-latest", (sku, 3)))
+        await _wait_for_lock_wait(watcher)
+        await tx.commit()
+        r = await asyncio.wait_for(order, 10)
+    assert r.status_code == 409, r.text
+    assert r.json()["type"].endswith("/insufficient-stock") and r.json()["skus"] == [sku]
     async with db.acquire() as conn:
-        assert await conn.fetchval("SELECT stock FROM products WHERE sku = $1", sku) == 0
+        assert await conn.fetchval("SELECT stock FROM products WHERE sku = $1", sku) == 1
+        assert await conn.fetchval("SELECT count(*) FROM orders WHERE customer_id = 'cust-latest'") == 0
+        assert await conn.fetchval("SELECT count(*) FROM order_items WHERE sku = $1", sku) == 0
+
+
+async def test_an_order_priced_before_a_price_change_is_placed_at_the_new_price(client, db):
+    """Staff change a price while an order waits to reserve that product: the order is
+    not placed at the old price; it is placed again and answers the new one."""
+    sku = await make_product(client, stock=10, price=100, name="Cup")
+    async with db.acquire() as staff, db.acquire() as watcher:
+        tx = staff.transaction()
+        await tx.start()
+        await staff.execute("UPDATE products SET unit_price = 150, version = version + 1 WHERE sku = $1", sku)
+        order = asyncio.create_task(place(client, "cust-reprice", (sku, 2)))
+        await _wait_for_lock_wait(watcher)
+        await tx.commit()
+        r = await asyncio.wait_for(order, 10)
+    assert r.status_code == 201, r.text
+    assert r.json()["items"][0]["unit_price"] == 150 and r.json()["total"] == 300
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT stock FROM products WHERE sku = $1", sku) == 8
+        assert await conn.fetchval("SELECT count(*) FROM orders WHERE customer_id = 'cust-reprice'") == 1
+        items = await conn.fetch(
+            "SELECT i.unit_price FROM order_items i JOIN orders o ON o.id = i.order_id WHERE o.customer_id = 'cust-reprice'"
+        )
+        assert [i["unit_price"] for i in items] == [150]
+    assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 8

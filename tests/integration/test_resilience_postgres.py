@@ -165,18 +165,18 @@ async def test_connection_dying_before_commit_is_503_and_commits_nothing(make_se
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=10)
         customer = "cust-pg-commit"
-        real_insert = service.orders.insert
+        real_place = service.orders.place
 
-        async def insert_then_die(conn: Any, **kw: Any) -> Any:
-            result = await real_insert(conn, **kw)
+        async def place_then_die(conn: Any, **kw: Any) -> Any:
+            result = await real_place(conn, **kw)
             await _kill_backend_of(conn, database_url)
             return result
 
-        monkeypatch.setattr(service.orders, "insert", insert_then_die)
+        monkeypatch.setattr(service.orders, "place", place_then_die)
         key = new_key()
         r = await place(client, customer, (sku, 2), key=key)
         assert_unavailable(r)
-        monkeypatch.setattr(service.orders, "insert", real_insert)
+        monkeypatch.setattr(service.orders, "place", real_place)
         assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 10
         assert (await client.get("/v1/orders", headers=auth(customer))).json()["items"] == []
         r = await place(client, customer, (sku, 2), key=key)
@@ -190,17 +190,17 @@ async def test_connection_dying_before_rollback_is_503(make_settings, database_u
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=1)
         customer = "cust-pg-rollback"
-        real_reserve = service.products.reserve
+        real_claim = service.idempotency.claim
 
-        async def reserve_then_die(conn: Any, skus: list[str], quantities: list[int]) -> Any:
-            rows = await real_reserve(conn, skus, quantities)
+        async def claim_then_die(conn: Any, *a: Any) -> Any:
+            row = await real_claim(conn, *a)
             await _kill_backend_of(conn, database_url)
-            return rows  # stock is short: the service raises 409 and rolls back
+            return row  # stock is short: the service raises 409 and rolls back
 
-        monkeypatch.setattr(service.products, "reserve", reserve_then_die)
+        monkeypatch.setattr(service.idempotency, "claim", claim_then_die)
         r = await place(client, customer, (sku, 5))
         assert_unavailable(r)
-        monkeypatch.setattr(service.products, "reserve", real_reserve)
+        monkeypatch.setattr(service.idempotency, "claim", real_claim)
         assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 1
 
 
@@ -259,16 +259,16 @@ async def test_a_read_whose_connection_dies_is_retried_once(make_settings, datab
 async def test_writes_are_not_retried(make_settings, database_url, monkeypatch):
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=3)
-        real_reserve = service.products.reserve
+        real_place = service.orders.place
         calls = 0
 
-        async def die(conn: Any, skus: list[str], quantities: list[int]) -> Any:
+        async def die(conn: Any, **kw: Any) -> Any:
             nonlocal calls
             calls += 1
             await _kill_backend_of(conn, database_url)
-            return await real_reserve(conn, skus, quantities)
+            return await real_place(conn, **kw)
 
-        monkeypatch.setattr(service.products, "reserve", die)
+        monkeypatch.setattr(service.orders, "place", die)
         r = await client.post(
             "/v1/orders", headers={**auth("cust-pg-noretry"), "Idempotency-Key": new_key()}, json=order_body((sku, 1))
         )
