@@ -9,29 +9,34 @@ import asyncio
 from tests.conftest import make_product, place
 
 
-async def _wait_for_lock_wait(conn) -> None:
-    """Until some backend waits for a row lock in a reservation."""
-    for _ in range(200):
-        if await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE%'"
-        ):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the order never waited for the product row")
+async def _order_racing_a_change(client, db, customer: str, sku: str, quantity: int, change: str):
+    """Place an order while another transaction has changed the product row (`change`,
+    uncommitted): once the order waits for the row lock, commit the change; the order's
+    answer."""
+    async with db.acquire() as other, db.acquire() as watcher:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(change, sku)
+        order = asyncio.create_task(place(client, customer, (sku, quantity)))
+        for _ in range(200):  # until the order's reservation waits for the row
+            if await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE%'"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the order never waited for the product row")
+        await tx.commit()
+        return await asyncio.wait_for(order, 10)
 
 
 async def test_stock_taken_while_an_order_waits_is_judged_on_the_latest_row(client, db):
     """The snapshot says 5 in stock; another transaction takes 4 and commits while the
     order waits for the row: the order (3) is refused and writes nothing."""
     sku = await make_product(client, stock=5)
-    async with db.acquire() as other, db.acquire() as watcher:
-        tx = other.transaction()
-        await tx.start()
-        await other.execute("UPDATE products SET stock = stock - 4, version = version + 1 WHERE sku = $1", sku)
-        order = asyncio.create_task(place(client, "cust-latest", (sku, 3)))
-        await _wait_for_lock_wait(watcher)
-        await tx.commit()
-        r = await asyncio.wait_for(order, 10)
+    take = "UPDATE products SET stock = stock - 4, version = version + 1 WHERE sku = $1"
+    r = await _order_racing_a_change(client, db, "cust-latest", sku, 3, take)
     assert r.status_code == 409, r.text
     assert r.json()["type"].endswith("/insufficient-stock") and r.json()["skus"] == [sku]
     async with db.acquire() as conn:
@@ -44,14 +49,8 @@ async def test_an_order_priced_before_a_price_change_is_placed_at_the_new_price(
     """Staff change a price while an order waits to reserve that product: the order is
     not placed at the old price; it is placed again and answers the new one."""
     sku = await make_product(client, stock=10, price=100, name="Cup")
-    async with db.acquire() as staff, db.acquire() as watcher:
-        tx = staff.transaction()
-        await tx.start()
-        await staff.execute("UPDATE products SET unit_price = 150, version = version + 1 WHERE sku = $1", sku)
-        order = asyncio.create_task(place(client, "cust-reprice", (sku, 2)))
-        await _wait_for_lock_wait(watcher)
-        await tx.commit()
-        r = await asyncio.wait_for(order, 10)
+    reprice = "UPDATE products SET unit_price = 150, version = version + 1 WHERE sku = $1"
+    r = await _order_racing_a_change(client, db, "cust-reprice", sku, 2, reprice)
     assert r.status_code == 201, r.text
     assert r.json()["items"][0]["unit_price"] == 150 and r.json()["total"] == 300
     async with db.acquire() as conn:
