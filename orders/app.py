@@ -101,7 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 yield {"res": res}
             finally:
-                res.start_draining()
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,10 +52,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-async def read_bytes(request: Request) -> bytes:
-    return await request.body()
 
 
 def parse_json(raw: bytes) -> Any:

@@ -81,7 +81,6 @@ class CircuitBreaker:
         self.cooldown_s = cooldown_s
         self._open_until = 0.0
         self._trial = False
-        self.was_open = False
 
     @property
     def closed(self) -> bool:
@@ -109,7 +108,6 @@ class CircuitBreaker:
             log.warning("redis_circuit_open", cooldown_s=self.cooldown_s)
         self._open_until = time.monotonic() + self.cooldown_s
         self._trial = False
-        self.was_open = True
 
 
 class Cache:

@@ -401,7 +401,6 @@ class EmbeddedPostgres(_PortMixin):
         self._stop_timeout = stop_timeout
         self.bindir: Path | None = None  # set by start()
         self.binaries_source: str | None = None  # "machine" | "pgserver"
-        self._runner: _Runner | None = None
         self._pid: int | None = None
 
     @property
@@ -429,7 +428,7 @@ class EmbeddedPostgres(_PortMixin):
             self.dir.chmod(0o755)  # so that a dropped-to account can traverse it
         self._stop_leftover()
 
-        runner = self._runner = _runner_for(self.dir, self.data, self.bindir)
+        runner = _runner_for(self.dir, self.data, self.bindir)
         self.socket_dir.mkdir(exist_ok=True)
         for path in (self.dir, self.socket_dir, self.logfile):
             if path.exists():  # the server log is opened by the server's user

@@ -18,7 +18,7 @@ from pydantic import (
     field_validator,
 )
 
-from orders.domain.money import MAX_UNIT_PRICE
+from orders.domain.money import CURRENCY_RE, MAX_UNIT_PRICE
 from orders.domain.status import OrderStatus
 
 SKU_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -56,7 +56,7 @@ Country = Annotated[
     AfterValidator(_country),
 ]
 Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
-Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+Currency = Annotated[str, StringConstraints(pattern=CURRENCY_RE.pattern)]
 
 _STRICT = ConfigDict(extra="forbid", str_strip_whitespace=False)
 

@@ -161,14 +161,21 @@ async def _place(
     ]
     totals = order_totals(priced)
     now = claim["now"]  # the transaction's timestamp
-    stamp = rfc3339(now)
-    order = {
-        "id": str(uuid.uuid4()),
-        "customer_id": who.customer_id,
-        "status": OrderStatus.PENDING.value,
-        "currency": totals.currency,
-        "email": str(req.email),
-        "items": [
+    order = order_doc(
+        {
+            "id": uuid.uuid4(),
+            "customer_id": who.customer_id,
+            "status": OrderStatus.PENDING.value,
+            "currency": totals.currency,
+            "email": str(req.email),
+            "subtotal": totals.subtotal,
+            "total": totals.total,
+            "shipping_address": req.shipping_address.model_dump(),
+            "version": 1,
+            "created_at": now,
+            "updated_at": now,
+        },
+        items=[
             {
                 "sku": p.sku,
                 "name": p.name,
@@ -178,13 +185,7 @@ async def _place(
             }
             for p in priced
         ],
-        "subtotal": totals.subtotal,
-        "total": totals.total,
-        "shipping_address": req.shipping_address.model_dump(),
-        "version": 1,
-        "created_at": stamp,
-        "updated_at": stamp,
-    }
+    )
     body = orjson.dumps(order)
     after = {"status": "pending", "version": 1, "total": totals.total, "currency": totals.currency}
     row = await orders.place(

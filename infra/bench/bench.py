@@ -49,7 +49,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from orders.auth import mint  # noqa: E402
 from orders.db import idempotency, orders, outbox  # noqa: E402
-from orders.devservers import SmtpSink  # noqa: E402
+from orders.devservers import SmtpSink, free_port  # noqa: E402
 from orders.settings import Settings  # noqa: E402
 
 DB_NAME = "orders_bench"
@@ -122,12 +121,6 @@ def ensure_wrk() -> str:
             return found
     # oha (the other fast generator) is not on PyPI as a tool; no other fallback here.
     sys.exit("bench: wrk is required and could not be installed (apt-get install wrk)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def with_db(dsn: str, name: str) -> str:

@@ -114,9 +114,6 @@ class Relay:
             while self._queue:
                 await self._slots.acquire()
                 ids = [self._queue.popleft() for _ in range(min(len(self._queue), self.settings.relay_batch))]
-                if not ids:
-                    self._slots.release()
-                    break
                 task = asyncio.get_running_loop().create_task(self._deliver_ids(ids))
                 self._batches.add(task)
                 task.add_done_callback(self._batch_done)
