@@ -59,7 +59,7 @@ def _request_id() -> str | None:
 async def create_order(request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
     raw_bytes = await request.body()
     key = request.headers.get("idempotency-key")
-    if key is None or not IDEMPOTENCY_KEY_RE.match(key):
+    if key is None or not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise IdempotencyKeyMissing("an Idempotency-Key header of 1 to 255 printable ASCII characters is required")
     raw = parse_json(raw_bytes)
     req = validate(OrderCreate, raw)

@@ -23,7 +23,7 @@ _SKU = re.compile(SKU_PATTERN)
 
 
 def _sku(sku: str) -> str:
-    if not _SKU.match(sku):
+    if not _SKU.fullmatch(sku):
         raise NotFound("no such product")
     return sku
 
