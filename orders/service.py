@@ -89,7 +89,11 @@ async def place_order(
         try:
             async with connection(res.pool, timeout) as conn, conn.transaction():
                 claim = await idempotency.claim(conn, who.customer_id, key, skus)
-                if claim["currencies"] > 1:
+                stored = claim["request_hash"] is not None
+                # A replay answers exactly what the first request answered, even if the
+                # catalog has changed currencies since; any other request is validated.
+                replay = stored and bytes(claim["request_hash"]) == fingerprint
+                if not replay and claim["currencies"] > 1:
                     raise ValidationFailed(
                         [
                             {
@@ -102,10 +106,12 @@ async def place_order(
                 if not counted:  # once per request, whatever the attempts
                     counted = True
                     await res.limiter.check(who.customer_id)
+                # API.md: replay, then idempotency-key-reuse, then idempotency-in-progress.
+                # A stored answer is committed: it holds whoever has the key's lock now.
+                if stored:
+                    return _replay(claim, fingerprint)
                 if not claim["locked"]:
                     raise IdempotencyInProgress()
-                if claim["request_hash"] is not None:
-                    return _replay(claim, fingerprint)
                 placed, order, reserved = await _place(conn, who, key, fingerprint, req, lines, claim, request_id)
             break
         except (asyncpg.DeadlockDetectedError, CatalogChanged) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.conftest import auth, make_product, new_key, order_body
+from tests.conftest import ADMIN, auth, make_product, new_key, order_body
 
 
 async def test_same_key_same_body_replays_the_first_answer(client, db):
@@ -75,3 +75,43 @@ async def test_40_concurrent_requests_with_one_key_create_exactly_one_order(clie
     # A retry after the dust settles is a replay.
     r = await client.post("/v1/orders", headers=headers, json=order_body((sku, 1)))
     assert r.status_code == 201 and r.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_committed_key_replays_or_is_reuse_even_while_its_lock_is_held(client, db):
+    """API.md's order: replay, then 422 key-reuse, then 409 in-progress. With the key's
+    answer committed, a request arriving while another holds the key's lock still gets
+    the replay (same body) or 422 (other body), never 409."""
+    sku = await make_product(client, stock=10)
+    key = new_key()
+    headers = {**auth("cust-idem-lock"), "Idempotency-Key": key}
+    first = await client.post("/v1/orders", headers=headers, json=order_body((sku, 1)))
+    assert first.status_code == 201
+    async with db.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1), hashtext($2))", "cust-idem-lock", key)
+        try:
+            same = await client.post("/v1/orders", headers=headers, json=order_body((sku, 1)))
+            other = await client.post("/v1/orders", headers=headers, json=order_body((sku, 2)))
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", "cust-idem-lock", key)
+    assert same.status_code == 201 and same.headers["idempotent-replayed"] == "true"
+    assert same.content == first.content
+    assert other.status_code == 422 and other.json()["type"].endswith("/idempotency-key-reuse")
+
+
+async def test_a_replay_is_exact_after_the_catalog_changes_currency(client):
+    """The first answer is replayed even when the SKUs no longer share a currency; a new
+    key with that body is refused as mixed currencies."""
+    a = await make_product(client, stock=10, currency="USD")
+    b = await make_product(client, stock=10, currency="USD")
+    key = new_key()
+    headers = {**auth("cust-idem-cur"), "Idempotency-Key": key}
+    first = await client.post("/v1/orders", headers=headers, json=order_body((a, 1), (b, 1)))
+    assert first.status_code == 201
+    r = await client.put(f"/v1/products/{b}", headers=ADMIN,
+                         json={"name": "Mug", "unit_price": 1299, "currency": "EUR", "stock": 9})
+    assert r.status_code == 200
+    again = await client.post("/v1/orders", headers=headers, json=order_body((a, 1), (b, 1)))
+    assert again.status_code == 201 and again.content == first.content
+    fresh = await client.post("/v1/orders", headers={**headers, "Idempotency-Key": new_key()},
+                              json=order_body((a, 1), (b, 1)))
+    assert fresh.status_code == 422 and fresh.json()["errors"][0]["code"] == "mixed_currency"
