@@ -120,19 +120,15 @@ class RateLimited(Problem):
 class Unavailable(Problem):
     status, slug, title = 503, "unavailable", "Service unavailable"
 
-    def __init__(self, detail: str = "the service is temporarily unavailable", retry_after: int = 2) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(
+        self, detail: str = "the service is temporarily unavailable", retry_after: int = 2, **extra: Any
+    ) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, **extra)
 
 
 def internal_error() -> Response:
     """The bare 500: nothing of the cause reaches the client (it goes to the log)."""
-    body = {
-        "type": PROBLEM_BASE + "internal-error",
-        "title": "Internal server error",
-        "status": 500,
-        "detail": "an unexpected error occurred",
-    }
-    return problem_response(500, body)
+    return Problem("an unexpected error occurred").response()
 
 
 def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:

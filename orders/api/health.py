@@ -11,8 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orders.api.openapi import PROBLEM, RETRY_AFTER
 from orders.deps import ProbeRes
-from orders.errors import PROBLEM_BASE, problem_response
+from orders.errors import Unavailable
 from orders.observability import POOL_IN_USE, POOL_SIZE
+from orders.resources import Resources
 
 router = APIRouter(tags=["operations"])
 
@@ -48,30 +49,38 @@ READY_SCHEMA = {
     },
 )
 async def readyz(res: ProbeRes) -> Response:
-    postgres = "ok"
-    try:
-        async with asyncio.timeout(READY_PG_TIMEOUT_S):
-            async with res.pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
-    except Exception:
-        postgres = "down"
+    postgres = "ok" if await _postgres_ok(res) else "down"
     if not res.cache.enabled:
         redis = "disabled"
     else:
         redis = "ok" if await res.cache.ping() else "down"
     if res.draining.is_set() or postgres != "ok":
         detail = "draining" if res.draining.is_set() else "PostgreSQL is unreachable"
-        body = {
-            "type": PROBLEM_BASE + "unavailable",
-            "title": "Service unavailable",
-            "status": 503,
-            "detail": detail,
-            "postgres": postgres,
-            "redis": redis,
-        }
-        return problem_response(503, body, {"Retry-After": "5"})
+        return Unavailable(detail, retry_after=5, postgres=postgres, redis=redis).response()
     body_ok = {"status": "ready", "postgres": postgres, "redis": redis}
     return Response(orjson.dumps(body_ok), media_type="application/json")
+
+
+async def _postgres_ok(res: Resources) -> bool:
+    """A pooled connection answers `SELECT 1` within READY_PG_TIMEOUT_S. When none is
+    free in time because every one is busy (a full pool under load), PostgreSQL is
+    serving them: ready (API.md: 503 while PostgreSQL is unreachable, not while busy)."""
+    pool = res.pool
+    try:
+        async with asyncio.timeout(READY_PG_TIMEOUT_S):
+            conn = await pool.acquire()
+    except TimeoutError:
+        return pool.get_size() >= pool.get_max_size() and pool.get_idle_size() == 0
+    except Exception:
+        return False
+    try:
+        async with asyncio.timeout(READY_PG_TIMEOUT_S):
+            await conn.fetchval("SELECT 1")
+        return True
+    except Exception:
+        return False
+    finally:
+        await pool.release(conn)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

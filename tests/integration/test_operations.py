@@ -99,6 +99,9 @@ async def test_pool_exhaustion_answers_503_within_the_acquire_timeout(make_setti
             assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
             assert r.json()["type"].endswith("/unavailable") and int(r.headers["retry-after"]) >= 1
             assert took < 2
+            # Busy is not unreachable: readiness stays 200 while every connection is in use.
+            ready = await c.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["postgres"] == "ok"
         r = await place(c, "cust-pool", (sku, 1))
         assert r.status_code == 201
 
