@@ -44,8 +44,22 @@ _TEXT = {event: _template(f"order.{event}.txt") for event in SUBJECTS}
 _HTML = _template("layout.html")
 
 
+# ISO 4217 currencies whose minor unit is not 1/100 (API.md: amounts are integers in
+# the currency's minor unit); every other code has two decimals.
+MINOR_UNIT_DIGITS = {
+    **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG"), 0),
+    **dict.fromkeys(("RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"), 0),
+    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
+    **dict.fromkeys(("CLF", "UYW"), 4),
+}
+
+
 def money(amount: int, currency: str) -> str:
-    return f"{amount // 100}.{amount % 100:02d} {currency}"
+    digits = MINOR_UNIT_DIGITS.get(currency, 2)
+    if digits == 0:
+        return f"{amount} {currency}"
+    units, minor = divmod(amount, 10**digits)
+    return f"{units}.{minor:0{digits}d} {currency}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,10 @@ def test_request_fingerprint_ignores_key_order_not_values():
 
 
 def test_money_formatting():
-    assert money(2598, "USD") == "25.98 USD" and money(5, "EUR") == "0.05 EUR" and money(0, "JPY") == "0.00 JPY"
+    assert money(2598, "USD") == "25.98 USD" and money(5, "EUR") == "0.05 EUR"
+    # The minor unit is the currency's (ISO 4217): yen have none, dinars three decimals.
+    assert money(0, "JPY") == "0 JPY" and money(1299, "JPY") == "1299 JPY"
+    assert money(1299, "KWD") == "1.299 KWD" and money(5, "BHD") == "0.005 BHD"
 
 
 def test_email_rendering_escapes_html_and_carries_the_message_id():
