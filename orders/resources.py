@@ -82,7 +82,15 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         except Exception as exc:  # the TTL bounds what is lost; never fail the request
             log.warning("cache_invalidation_not_recorded", error=type(exc).__name__)
 
+    replaying = asyncio.Lock()
+
     async def replay() -> None:
+        # One replay at a time, whoever calls (the relay's pass, the cache coming back
+        # after an outage): a caller waits for the one under way, then finds what is left.
+        async with replaying:
+            await _replay_batches()
+
+    async def _replay_batches() -> None:
         # Batch after batch until none is left (bounded): after a long outage, reads
         # trust Redis again only once every invalidation recorded meanwhile is applied.
         for _ in range(REPLAY_MAX_BATCHES):
