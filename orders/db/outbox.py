@@ -58,13 +58,13 @@ SELECT id, order_id, payload->>'actor', payload->>'action', payload->'before', p
 ON CONFLICT (outbox_id) DO NOTHING
 """
 
-# Batched: one row of ($1 id, $3 delay, $4 give up) per failed row, one error text $2.
+# Batched: one row of ($1 id, $2 error, $3 delay, $4 give up) per failed row.
 RETRY_SQL = """
 UPDATE outbox o
-   SET claimed_until = NULL, last_error = left($2, 500),
+   SET claimed_until = NULL, last_error = left(r.error, 500),
        next_attempt_at = now() + make_interval(secs => r.delay),
        status = CASE WHEN r.give_up THEN 'failed' ELSE 'pending' END
-  FROM unnest($1::bigint[], $3::float8[], $4::bool[]) AS r(id, delay, give_up)
+  FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[]) AS r(id, error, delay, give_up)
  WHERE o.id = r.id AND o.status = 'pending'
 """
 
@@ -84,10 +84,10 @@ async def mark_sent(conn: asyncpg.Connection, row_ids: list[int], kind: str) -> 
 
 
 async def mark_retry(
-    conn: asyncpg.Connection, row_ids: list[int], error: str, delays_s: list[float], give_up: list[bool]
+    conn: asyncpg.Connection, row_ids: list[int], errors: list[str], delays_s: list[float], give_up: list[bool]
 ) -> None:
-    """Rows that failed with `error`: pending again after their delay, or `failed`."""
-    await conn.execute(RETRY_SQL, row_ids, error, delays_s, give_up)
+    """Rows that failed, each with its error: pending again after their delay, or `failed`."""
+    await conn.execute(RETRY_SQL, row_ids, errors, delays_s, give_up)
 
 
 async def stats(conn: asyncpg.Connection) -> asyncpg.Record:

@@ -150,7 +150,7 @@ class Relay:
         try:
             await self._mark_sent([r["id"] for r in rows], "audit")
         except Exception as exc:
-            await self._failed(rows, exc)
+            await self._failed([(r, exc) for r in rows])
             return 0
         for row in rows:
             p: dict[str, Any] = row["payload"]
@@ -162,6 +162,7 @@ class Relay:
     async def _deliver_emails(self, rows: list[asyncpg.Record]) -> int:
         """One SMTP session for the batch; a row that fails is retried later on its own."""
         sent: list[asyncpg.Record] = []
+        failed: list[tuple[asyncpg.Record, BaseException]] = []
         remaining = list(rows)
         # The batch's rows are leased for relay_lease_s: stop sending at half of it, so that
         # no row is still being sent when its lease ends and another claimer may take it.
@@ -177,12 +178,12 @@ class Relay:
                     except SESSION_ERRORS:
                         raise
                     except Exception as exc:  # refused recipient and the like: this row only
-                        remaining.pop(0)
-                        await self._failed([row], exc)
+                        failed.append((remaining.pop(0), exc))
                         continue
                     sent.append(remaining.pop(0))
         except Exception as exc:  # the session broke: what is left is retried later
-            await self._failed(remaining, exc)
+            failed += [(r, exc) for r in remaining]
+        await self._failed(failed)  # after the session: one statement for all of them
         if not sent:
             return 0
         try:
@@ -201,14 +202,15 @@ class Relay:
         async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
             await outbox.mark_sent(conn, ids, kind)
 
-    async def _failed(self, rows: list[asyncpg.Record], exc: BaseException) -> None:
-        """Rows that failed with `exc`: each backs off by its attempts, or gives up at the
-        cap; one statement records them all."""
-        if not rows:
+    async def _failed(self, failures: list[tuple[asyncpg.Record, BaseException]]) -> None:
+        """Rows that failed, each with its exception: each backs off by its attempts, or
+        gives up at the cap; one statement records them all."""
+        if not failures:
             return
-        error = f"{type(exc).__name__}: {exc}"[:500]
+        rows = [row for row, _ in failures]
+        errors = [f"{type(exc).__name__}: {exc}"[:500] for _, exc in failures]
         delays, give_ups = [], []
-        for row in rows:
+        for row, exc in failures:
             give_up = row["attempts"] >= self.settings.relay_max_attempts
             delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
             delays.append(delay)
@@ -228,7 +230,7 @@ class Relay:
                 )
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
-                await outbox.mark_retry(conn, [r["id"] for r in rows], error, delays, give_ups)
+                await outbox.mark_retry(conn, [r["id"] for r in rows], errors, delays, give_ups)
         except Exception as exc2:  # the leases expire and the rows are retried anyway
             log.warning("notify_mark_retry_failed", error=type(exc2).__name__, rows=len(rows))
 
