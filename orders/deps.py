@@ -8,7 +8,6 @@ from uuid import UUID
 
 import structlog
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orders.auth import Principal
 from orders.domain.cursor import BadCursor
@@ -16,8 +15,6 @@ from orders.errors import Forbidden, NotFound, Unavailable, ValidationFailed
 from orders.resources import Resources
 
 T = TypeVar("T")
-
-_bearer = HTTPBearer(auto_error=False, description="HS256 JWT: `sub` customer id, `exp`, optional `roles`")
 
 
 async def get_resources(request: Request) -> Resources:
@@ -42,7 +39,6 @@ ProbeRes = Annotated[Resources, Depends(get_resources)]
 async def current_principal(
     request: Request,
     res: Res,
-    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     who = res.verifier.verify(request.headers.get("authorization"))
     structlog.contextvars.bind_contextvars(customer_id=who.customer_id)

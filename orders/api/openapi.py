@@ -69,7 +69,22 @@ def add_schemas(spec: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any
             components.setdefault(name, sub)
         components[model.__name__] = schema
     _drop_default_422(spec)
+    _declare_bearer(spec)
     return spec
+
+
+BEARER = {"type": "http", "scheme": "bearer", "description": "HS256 JWT: `sub` customer id, `exp`, optional `roles`"}
+
+
+def _declare_bearer(spec: dict[str, Any]) -> None:
+    """The bearer scheme on every operation that can answer 401 (those that take a
+    token), declared here once rather than by a FastAPI security dependency that would
+    parse the Authorization header on every request only to document it."""
+    spec["components"].setdefault("securitySchemes", {})["HTTPBearer"] = BEARER
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if "401" in operation.get("responses", {}):
+                operation["security"] = [{"HTTPBearer": []}]
 
 
 def _drop_default_422(spec: dict[str, Any]) -> None:
