@@ -36,7 +36,8 @@ from orders.settings import Settings
 JWT_SECRET = "test-secret-" + "k" * 40
 
 
-def _reachable(host: str, port: int) -> bool:
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts TCP connections on host:port."""
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -57,7 +58,7 @@ def pg_admin_dsn(tmp_root: Path) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    if _reachable("127.0.0.1", 5432):
+    if listening(5432):
         yield "postgresql://postgres@127.0.0.1:5432/postgres"
         return
     server = EmbeddedPostgres(tmp_root)
@@ -118,7 +119,7 @@ def redis_url(tmp_root: Path) -> Iterator[str]:
     if url:
         yield url
         return
-    if _reachable("127.0.0.1", 6379):
+    if listening(6379):
         yield "redis://127.0.0.1:6379/9"
         return
     server = EmbeddedRedis(tmp_root)

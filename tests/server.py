@@ -69,7 +69,9 @@ class ServerProcess:
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            # The whole process group (start_new_session): with ORDERS_WORKERS > 1 the
+            # workers are children of the supervisor.
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def logs(self) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,10 @@ import httpx
 import pytest
 
 from orders.devservers import free_port
+from tests.conftest import listening
 
 pytestmark = pytest.mark.slow
 
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
@@ -55,10 +48,10 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
                        json={"email": "a@example.com", "items": [{"sku": "MUG-001", "quantity": 1}],
                              "shipping_address": {"name": "A", "line1": "1 St", "city": "X", "postal_code": "1", "country": "US"}})
         assert r.status_code == 201, r.text
-        assert _listening(pg_port) and _listening(redis_port)
+        assert listening(pg_port) and listening(redis_port)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)
-        assert not _listening(http_port) and not _listening(pg_port) and not _listening(redis_port)
+        assert not listening(http_port) and not listening(pg_port) and not listening(redis_port)
         assert "Traceback" not in (tmp_path / "dev.log").read_text()
     finally:
         if proc.poll() is None:

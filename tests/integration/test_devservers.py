@@ -17,6 +17,7 @@ import redis
 
 from orders import devservers
 from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink, free_port
+from tests.conftest import listening
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,13 +34,6 @@ def _select_1(dsn: str) -> int:
 
     return asyncio.run(query())
 
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def test_free_port_is_bindable() -> None:
@@ -58,7 +52,7 @@ def test_postgres_starts_answers_and_stops(tmp_path: Path) -> None:
         assert pg.start() == dsn  # already running: same server
     finally:
         pg.stop()
-    assert pg.port is not None and not _port_open(pg.port)
+    assert pg.port is not None and not listening(pg.port)
     pg.stop()  # stopping twice is harmless
 
     # A second start reuses the initialized cluster (and the port picked before).
@@ -82,7 +76,7 @@ def test_redis_starts_answers_and_stops(tmp_path: Path) -> None:
             assert client.config_get("appendonly")["appendonly"] == "no"
     finally:
         server.stop()
-    assert server.port is not None and not _port_open(server.port)
+    assert server.port is not None and not listening(server.port)
     assert not list((tmp_path / "redis").glob("*.rdb"))  # nothing persisted
 
 
@@ -97,8 +91,8 @@ def test_leftover_servers_are_replaced(tmp_path: Path) -> None:
         dsn = new_pg.start()
         url = new_redis.start()
         assert old_pg.port is not None and old_redis.port is not None
-        assert not _port_open(old_pg.port)
-        assert not _port_open(old_redis.port)
+        assert not listening(old_pg.port)
+        assert not listening(old_redis.port)
         assert _select_1(dsn) == 1
         with redis.Redis.from_url(url) as client:
             assert client.ping()
@@ -159,7 +153,7 @@ def test_smtp_sink_keeps_messages(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         assert "mail to=alice@example.com subject=Order 42 confirmed" in caplog.messages
     finally:
         sink.stop()
-    assert not _port_open(port)
+    assert not listening(port)
 
 
 def test_smtp_sink_without_root_keeps_messages_in_memory_only() -> None:

@@ -11,65 +11,26 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from orders.devservers import free_port
+from tests.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).with_name("locust")
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server not ready in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL (of the whole process group) if it does not exit in time."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.mark.slow
 def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERS_", "LOAD_"))}
-    env = {**clean, **base_env, "ORDERS_HOST": "127.0.0.1", "ORDERS_PORT": str(port)}
-    server_log = tmp_path / "server.log"
-    with server_log.open("wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "orders", "serve"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-    try:
-        _wait_ready(server, url, server_log)
+    server = ServerProcess(base_env, tmp_path)
+    env = {**clean, **base_env}
+    with server:
+        assert server.proc is not None
+        url = server.url
         summary_path = tmp_path / "summary.json"
         run = subprocess.run(
             [
@@ -99,7 +60,7 @@ def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
                 "LOAD_WAIT_MIN": "0.05",
                 "LOAD_WAIT_MAX": "0.2",
                 "LOAD_SCARCE_STOCK": "15",
-                "LOAD_SERVER_PID": str(server.pid),
+                "LOAD_SERVER_PID": str(server.proc.pid),
             },
             capture_output=True,
             text=True,
@@ -117,6 +78,4 @@ def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
         assert summary["outcomes"].get("201 created", 0) > 0, report
         assert summary["invariants"]["checked"]["orders_acknowledged"] > 0, report
         assert run.returncode == 0, report
-    finally:
-        _stop(server)
-    assert server.returncode is not None
+    assert server.proc.returncode == 0  # and the server stopped gracefully after the run
