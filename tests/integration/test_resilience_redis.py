@@ -30,6 +30,12 @@ pytestmark = pytest.mark.timeout(120)
 TIMEOUT_S = 0.25  # ORDERS_REDIS_TIMEOUT_S (the default)
 
 
+async def _redis_ok(client) -> bool:
+    """Readiness reports Redis up again."""
+    r = await client.get("/readyz")
+    return r.status_code == 200 and r.json()["redis"] == "ok"
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path)
@@ -132,11 +138,7 @@ async def test_paused_redis_fails_open_and_nothing_stale_survives_its_return(mak
 
         await wait_for(fresh, timeout=6.0, interval=0.2)
 
-        async def redis_ok() -> bool:
-            r = await client.get("/readyz")
-            return r.status_code == 200 and r.json()["redis"] == "ok"
-
-        await wait_for(redis_ok, timeout=6.0, interval=0.2)
+        await wait_for(lambda: _redis_ok(client), timeout=6.0, interval=0.2)
         # And the cache is used again: a read fills version 2.
         await wait_for(
             lambda: _entry_is(client, private_redis.url, a_key, f"/v1/orders/{first['id']}", customer, (2, True)),
@@ -230,11 +232,7 @@ async def test_killed_redis_fails_open_and_is_used_again_after_restart(make_sett
         private_redis.start()
         assert private_redis.port == port
 
-        async def redis_ok() -> bool:
-            r = await client.get("/readyz")
-            return r.status_code == 200 and r.json()["redis"] == "ok"
-
-        await wait_for(redis_ok, timeout=8.0, interval=0.2)
+        await wait_for(lambda: _redis_ok(client), timeout=8.0, interval=0.2)
         # The new server is empty: reads fill it again (with the current version).
         await wait_for(
             lambda: _entry_is(
