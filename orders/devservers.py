@@ -90,7 +90,26 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-class _EmbeddedServer:
+class _Started:
+    """A context manager that start()s on entry and stop()s on exit."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class _EmbeddedServer(_Started):
     """What the embedded servers share: their directory `root/<subdir>`, their port
     (picked automatically unless given, kept across restarts), the start-up retries on
     another port when it was taken, and the context manager."""
@@ -133,21 +152,6 @@ class _EmbeddedServer:
             self.port = port
             return
         raise AssertionError("unreachable")
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def start(self) -> str:
-        raise NotImplementedError
 
 
 class _PortInUse(Exception):
@@ -812,7 +816,7 @@ def _make_controller(handler: Any, host: str, port: int) -> Any:
     return PortZeroController(handler, hostname=host, port=port)
 
 
-class SmtpSink:
+class SmtpSink(_Started):
     """An SMTP server that accepts every message and keeps it.
 
     `messages` holds every message received, parsed (`email.policy.default`, so
@@ -856,15 +860,6 @@ class SmtpSink:
             if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
                 raise TimeoutError(f"{len(self.messages)} message(s) received, expected {count}")
             return list(self.messages)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # aiosmtpd handler hook, called in the controller's thread.
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
