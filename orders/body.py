@@ -1,7 +1,7 @@
 """Request bodies: a size limit enforced while reading, and strict JSON decoding.
 
 The limit is applied lazily, when a handler reads the body, so that a bad token still
-answers 401 before a large body answers 413 (the precedence of API.md).
+answers 401 before a large body answers 413 (the precedence of docs/API.md).
 """
 
 from __future__ import annotations

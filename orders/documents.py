@@ -1,4 +1,4 @@
-"""The JSON documents of API.md built from database rows (one place for the shapes)."""
+"""The JSON documents of docs/API.md built from database rows (one place for the shapes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Problem types (RFC 9457) of API.md, and the handlers that render them.
+"""Problem types (RFC 9457) of docs/API.md, and the handlers that render them.
 
 Every error the service answers is one `Problem`; anything else that escapes a
 handler becomes a bare 500 problem with no detail (the traceback goes to the log).

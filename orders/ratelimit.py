@@ -2,7 +2,7 @@
 
 One counter per customer and minute (`<prefix>rl:<minute>:<customer>`, INCR + EXPIRE in
 one round trip), shared by all replicas; customers never share a counter. The service
-calls `check()` once a creation has passed validation (replays included, API.md), so a
+calls `check()` once a creation has passed validation (replays included, docs/API.md), so a
 malformed request never uses up the customer's allowance.
 
 Fail-open: with Redis down, slow (the call is bounded by ORDERS_REDIS_TIMEOUT_S) or its

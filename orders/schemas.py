@@ -1,4 +1,4 @@
-"""Request and response bodies of API.md (pydantic). Requests are strict: unknown fields,
+"""Request and response bodies of docs/API.md (pydantic). Requests are strict: unknown fields,
 floats for integers, untrimmed-empty strings and oversized values are 422."""
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ async def place_order(
                 if not counted:  # once per request, whatever the attempts
                     counted = True
                     await res.limiter.check(who.customer_id)
-                # API.md: replay, then idempotency-key-reuse, then idempotency-in-progress.
+                # docs/API.md: replay, then idempotency-key-reuse, then idempotency-in-progress.
                 # A stored answer is committed: it holds whoever has the key's lock now.
                 if stored:
                     return _replay(claim, fingerprint)

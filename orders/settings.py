@@ -1,6 +1,6 @@
 """Settings from the environment (ORDERS_ prefix) and an optional `.env` file.
 
-The table of API.md is the contract; the extra knobs below it are operational.
+The table of docs/API.md is the contract; the extra knobs below it are operational.
 `Settings()` refuses unsafe values (no database URL, a missing or weak JWT secret)
 unless `dev=True`, which only `orders dev` and the test suite set.
 """

@@ -64,7 +64,7 @@ async def readyz(res: ProbeRes) -> Response:
 async def _postgres_ok(res: Resources) -> bool:
     """A pooled connection answers `SELECT 1` within READY_PG_TIMEOUT_S. When none is
     free in time because every one is busy (a full pool under load), PostgreSQL is
-    serving them: ready (API.md: 503 while PostgreSQL is unreachable, not while busy)."""
+    serving them: ready (docs/API.md: 503 while PostgreSQL is unreachable, not while busy)."""
     pool = res.pool
     try:
         async with asyncio.timeout(READY_PG_TIMEOUT_S):

@@ -24,7 +24,7 @@ _DESCRIPTIONS = {
 }
 
 
-# Headers that always come with some problems (API.md).
+# Headers that always come with some problems (docs/API.md).
 RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait before retrying", "required": True, "schema": {"type": "string"}}
 }
@@ -45,7 +45,7 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """openapi_extra for a route that reads its body itself (to keep API.md's precedence)."""
+    """openapi_extra for a route that reads its body itself (to keep docs/API.md's precedence)."""
     return {
         "requestBody": {
             "required": True,

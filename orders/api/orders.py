@@ -1,4 +1,4 @@
-"""Order routes. Each reads what it needs in the precedence order of API.md:
+"""Order routes. Each reads what it needs in the precedence order of docs/API.md:
 401 (dependency), 413 (reading the body), 403, 404, 400, 422, then the service."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ async def list_orders(
         str | None, Query(description="staff only (1 to 64 characters); ignored for customers")
     ] = None,
 ) -> Response:
-    # API.md: ignored for customers, whatever its value; for staff, empty means all.
+    # docs/API.md: ignored for customers, whatever its value; for staff, empty means all.
     if not who.is_admin or not customer_id:
         customer_id = None
     elif len(customer_id) > 64 or "\x00" in customer_id:

@@ -1,4 +1,4 @@
-"""The order status machine of API.md."""
+"""The order status machine of docs/API.md."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
     OrderStatus.CANCELLED: frozenset(),
 }
 
-# Changes that email the customer (API.md: shipped and cancelled; creation too).
+# Changes that email the customer (docs/API.md: shipped and cancelled; creation too).
 NOTIFYING = frozenset({OrderStatus.SHIPPED, OrderStatus.CANCELLED})
 
 

@@ -44,7 +44,7 @@ _TEXT = {event: _template(f"order.{event}.txt") for event in SUBJECTS}
 _HTML = _template("layout.html")
 
 
-# ISO 4217 currencies whose minor unit is not 1/100 (API.md: amounts are integers in
+# ISO 4217 currencies whose minor unit is not 1/100 (docs/API.md: amounts are integers in
 # the currency's minor unit); every other code has two decimals.
 MINOR_UNIT_DIGITS = {
     **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG"), 0),

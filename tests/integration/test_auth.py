@@ -1,4 +1,4 @@
-"""Authentication and customer scoping (API.md: 401 with WWW-Authenticate, 403, 404)."""
+"""Authentication and customer scoping (docs/API.md: 401 with WWW-Authenticate, 403, 404)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Catalog: GET/PUT /v1/products (API.md)."""
+"""Catalog: GET/PUT /v1/products (docs/API.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CORS for the checkout frontend: only ORDERS_CORS_ORIGINS, the headers it needs in
-and out (API.md)."""
+and out (docs/API.md)."""
 
 from __future__ import annotations
 

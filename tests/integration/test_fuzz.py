@@ -77,7 +77,7 @@ def api_schema(make_settings: Any) -> Iterator[Any]:
 
 
 def problem_json_for_errors(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
-    """API.md: every error answers application/problem+json with type, title, status, detail."""
+    """docs/API.md: every error answers application/problem+json with type, title, status, detail."""
     if response.status_code < 400:
         return
     content_type = response.headers.get("content-type", [""])[0]

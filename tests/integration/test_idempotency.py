@@ -1,4 +1,4 @@
-"""Idempotency-Key semantics (API.md): replay, reuse, concurrency, scoping."""
+"""Idempotency-Key semantics (docs/API.md): replay, reuse, concurrency, scoping."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ async def test_40_concurrent_requests_with_one_key_create_exactly_one_order(clie
 
 
 async def test_a_committed_key_replays_or_is_reuse_even_while_its_lock_is_held(client, db):
-    """API.md's order: replay, then 422 key-reuse, then 409 in-progress. With the key's
+    """docs/API.md's order: replay, then 422 key-reuse, then 409 in-progress. With the key's
     answer committed, a request arriving while another holds the key's lock still gets
     the replay (same body) or 422 (other body), never 409."""
     sku = await make_product(client, stock=10)

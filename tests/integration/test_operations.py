@@ -1,4 +1,4 @@
-"""Health, readiness, metrics, OpenAPI and the request id (API.md, Operations)."""
+"""Health, readiness, metrics, OpenAPI and the request id (docs/API.md, Operations)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ async def test_sigterm_turns_readiness_503_at_once_and_liveness_stays_200(make_s
             assert r.json()["detail"] == "draining"
             assert (await c.get("/healthz")).status_code == 200
             assert (await c.get("/metrics")).status_code == 200
-            # A request that still arrives is sent elsewhere (API.md: 503 while draining).
+            # A request that still arrives is sent elsewhere (docs/API.md: 503 while draining).
             r = await c.get("/v1/products")
             assert r.status_code == 503 and r.json()["type"].endswith("/unavailable") and r.headers["retry-after"]
             assert calls == [signal.SIGTERM], "the server's own handler still runs (it drains)"

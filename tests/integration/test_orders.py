@@ -1,4 +1,4 @@
-"""Placing, reading, listing and changing orders (API.md, Orders)."""
+"""Placing, reading, listing and changing orders (docs/API.md, Orders)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-customer rate limit of order creations (ORDERS_RATE_LIMIT_PER_MINUTE, API.md)."""
+"""Per-customer rate limit of order creations (ORDERS_RATE_LIMIT_PER_MINUTE, docs/API.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Malformed requests answer problem+json and change nothing (API.md, Errors)."""
+"""Malformed requests answer problem+json and change nothing (docs/API.md, Errors)."""
 
 from __future__ import annotations
 
