@@ -104,11 +104,14 @@ async def stats(conn: asyncpg.Connection) -> asyncpg.Record:
 
 
 async def purge_sent(conn: asyncpg.Connection, older_than_hours: int, batch: int) -> int:
+    """Deletes up to `batch` rows sent before the retention, oldest first (outbox_sent_idx);
+    rows another replica is deleting are skipped. Returns how many went."""
     result = await conn.execute(
         """
         DELETE FROM outbox WHERE id = ANY(ARRAY(
             SELECT id FROM outbox
-             WHERE status = 'sent' AND sent_at < now() - make_interval(hours => $1) LIMIT $2))
+             WHERE status = 'sent' AND sent_at < now() - make_interval(hours => $1)
+             ORDER BY sent_at LIMIT $2 FOR UPDATE SKIP LOCKED))
         """,
         older_than_hours,
         batch,

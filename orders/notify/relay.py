@@ -45,6 +45,9 @@ FAST_PATH_HEAD_START_S = 5.0
 DISPATCH_LINGER_S = 0.05
 BACKPRESSURE_LOG_S = 5.0
 BACKOFF_BASE_S = 1.0
+HOUSEKEEPING_S = 30.0
+# Rows one retention statement deletes: a short transaction, whatever the backlog.
+RETENTION_BATCH = 2000
 # Errors after which an SMTP session is unusable: the rest of the batch waits for a retry.
 SESSION_ERRORS: tuple[type[BaseException], ...] = (
     aiosmtplib.SMTPServerDisconnected,
@@ -85,6 +88,7 @@ class Relay:
         self._slots = asyncio.Semaphore(settings.relay_concurrency)
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._housekeeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     # -- fast path -------------------------------------------------------------
@@ -240,38 +244,69 @@ class Relay:
         loop = asyncio.get_running_loop()
         self._dispatcher = loop.create_task(self._dispatch_forever())
         self._loop_task = loop.create_task(self._run())
+        self._housekeeper = loop.create_task(self._housekeep_forever())
 
     async def _run(self) -> None:
-        tick = 0
         while not self._stopping.is_set():
-            claimed = 0
+            claimed = delivered = 0
             try:
-                claimed, _ = await self.run_once(housekeeping=tick % 30 == 0)
+                claimed, delivered = await self.run_once()
             except Exception as exc:
                 log.warning("relay_pass_failed", error=type(exc).__name__)
-            tick += 1
-            if claimed >= self.settings.relay_batch:
-                continue  # a backlog: keep draining without waiting
+            if claimed >= self.settings.relay_batch and delivered == claimed:
+                continue  # a backlog that flows: keep draining without waiting
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.relay_interval_s)
             except TimeoutError:
                 pass
 
-    async def run_once(self, *, housekeeping: bool = False, ahead_s: float = 0.0) -> tuple[int, int]:
+    async def run_once(self, *, ahead_s: float = 0.0) -> tuple[int, int]:
         """One pass: deliver a batch of due rows; returns (claimed, delivered)."""
         s = self.settings
         async with connection(self.pool, s.db_acquire_timeout_s) as conn:
             rows = await outbox.claim_due(conn, s.relay_batch, s.relay_lease_s, ahead_s)
-            if housekeeping:
-                stats = await outbox.stats(conn)
-                NOTIFICATIONS_PENDING.set(stats["pending"])
-                RELAY_LAG.set(stats["lag_s"])
-                await outbox.purge_sent(conn, s.outbox_retention_h, 500)
-                await idempotency.purge(conn, s.idempotency_retention_h, 500)
         delivered = await self._deliver_all(rows)
         if self.replay_invalidations is not None:
             await self.replay_invalidations()
         return len(rows), delivered
+
+    # -- housekeeping ------------------------------------------------------------
+
+    async def _housekeep_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
+                    stats = await outbox.stats(conn)
+                NOTIFICATIONS_PENDING.set(stats["pending"])
+                RELAY_LAG.set(stats["lag_s"])
+                await self.purge_expired()
+            except Exception as exc:
+                log.warning("housekeeping_failed", error=type(exc).__name__)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), HOUSEKEEPING_S)
+            except TimeoutError:
+                pass
+
+    async def purge_expired(self) -> dict[str, int]:
+        """Retention: sent outbox rows and idempotency records past their age, deleted
+        RETENTION_BATCH rows per statement (each its own short transaction) until a batch
+        comes back short. Replicas skip each other's locked rows, so they share the work.
+        Returns the rows deleted by table."""
+        s = self.settings
+        purges = {
+            "outbox": lambda conn: outbox.purge_sent(conn, s.outbox_retention_h, RETENTION_BATCH),
+            "idempotency_keys": lambda conn: idempotency.purge(conn, s.idempotency_retention_h, RETENTION_BATCH),
+        }
+        purged = dict.fromkeys(purges, 0)
+        for table, purge in purges.items():
+            deleted = RETENTION_BATCH
+            while deleted == RETENTION_BATCH and not self._stopping.is_set():
+                async with connection(self.pool, s.db_acquire_timeout_s) as conn:
+                    deleted = await purge(conn)
+                purged[table] += deleted
+        if any(purged.values()):
+            log.info("retention_purged", **purged)
+        return purged
 
     async def stop(self, deadline: float) -> None:
         """Stop the loop; finish in-flight deliveries and flush until `deadline`
@@ -281,11 +316,12 @@ class Relay:
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
 
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(self._loop_task, left())
-            except (TimeoutError, asyncio.CancelledError):
-                pass
+        for task in (self._loop_task, self._housekeeper):
+            if task is not None:
+                try:
+                    await asyncio.wait_for(task, left())
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
         # Batches under way first; rows still queued are claimed by the flush below.
         if self._batches:
             await asyncio.wait(set(self._batches), timeout=left())
