@@ -55,6 +55,18 @@ Country = Annotated[
     StringConstraints(strip_whitespace=True, min_length=2, max_length=2, pattern=NO_CONTROL),
     AfterValidator(_country),
 ]
+
+
+def _ascii_local_part(address: str) -> str:
+    """Internationalised domains are fine (the email goes to their IDNA form); a non-ASCII
+    local part is not: it needs SMTPUTF8 on every mail server on the way, which the
+    service does not count on, so such an order could never be confirmed."""
+    if not address.rpartition("@")[0].isascii():
+        raise ValueError("the part before the @ must be ASCII (internationalised local parts cannot be delivered)")
+    return address
+
+
+Email = Annotated[EmailStr, Field(max_length=254), AfterValidator(_ascii_local_part)]
 Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
 Currency = Annotated[str, StringConstraints(pattern=CURRENCY_RE.pattern)]
 
@@ -84,7 +96,7 @@ class OrderLineIn(BaseModel):
 
 class OrderCreate(BaseModel):
     model_config = _STRICT
-    email: Annotated[EmailStr, Field(max_length=254)]
+    email: Email
     items: Annotated[list[OrderLineIn], Field(min_length=1, max_length=100)]
     shipping_address: ShippingAddress
 

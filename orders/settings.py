@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rate_limit_per_minute: int = Field(60, ge=0)
 
-    # Notification relay: how often it polls, how many rows a pass claims, when it gives up.
+    # Notification relay: how often it polls, how many rows a pass claims, when it gives up
+    # on a permanent failure (transient ones are retried forever, at most
+    # relay_backoff_max_s apart: docs/DEPLOYMENT.md).
     relay_interval_s: float = Field(1.0, gt=0)
     relay_batch: int = Field(50, ge=1, le=1000)
     relay_max_attempts: int = Field(10, ge=1)

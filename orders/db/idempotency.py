@@ -43,11 +43,14 @@ async def lookup(conn: asyncpg.Connection, customer_id: str, key: str) -> asyncp
 
 
 async def purge(conn: asyncpg.Connection, older_than_hours: int, batch: int) -> int:
+    """Deletes up to `batch` records older than the retention, oldest first
+    (idempotency_keys_created_idx); rows another replica is deleting are skipped."""
     result = await conn.execute(
         """
         DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
             SELECT ctid FROM idempotency_keys
-             WHERE created_at < now() - make_interval(hours => $1) LIMIT $2))
+             WHERE created_at < now() - make_interval(hours => $1)
+             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))
         """,
         older_than_hours,
         batch,

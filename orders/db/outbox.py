@@ -26,10 +26,12 @@ WITH due AS (
      ORDER BY next_attempt_at
      LIMIT $1
        FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE outbox o SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1
+      FROM due WHERE o.id = due.id
+    RETURNING o.{ROW.replace(", ", ", o.")}
 )
-UPDATE outbox o SET claimed_until = now() + make_interval(secs => $2), attempts = o.attempts + 1
-  FROM due WHERE o.id = due.id
-RETURNING o.{ROW.replace(", ", ", o.")}
+SELECT * FROM claimed ORDER BY id
 """
 
 # Batched: $1 is every row of a delivery batch that went through.
@@ -74,7 +76,8 @@ async def claim_ids(conn: asyncpg.Connection, ids: list[int], lease_s: float) ->
 
 
 async def claim_due(conn: asyncpg.Connection, limit: int, lease_s: float, ahead_s: float = 0.0) -> list[asyncpg.Record]:
-    """Due rows (or due within `ahead_s`, for the flush at shutdown), oldest first."""
+    """Due rows (or due within `ahead_s`, for the flush at shutdown), oldest first, and
+    delivered in the order they were written."""
     return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s, ahead_s)
 
 
@@ -104,11 +107,14 @@ async def stats(conn: asyncpg.Connection) -> asyncpg.Record:
 
 
 async def purge_sent(conn: asyncpg.Connection, older_than_hours: int, batch: int) -> int:
+    """Deletes up to `batch` rows sent before the retention, oldest first (outbox_sent_idx);
+    rows another replica is deleting are skipped. Returns how many went."""
     result = await conn.execute(
         """
         DELETE FROM outbox WHERE id = ANY(ARRAY(
             SELECT id FROM outbox
-             WHERE status = 'sent' AND sent_at < now() - make_interval(hours => $1) LIMIT $2))
+             WHERE status = 'sent' AND sent_at < now() - make_interval(hours => $1)
+             ORDER BY sent_at LIMIT $2 FOR UPDATE SKIP LOCKED))
         """,
         older_than_hours,
         batch,

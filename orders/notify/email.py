@@ -21,6 +21,7 @@ from string import Template
 from typing import Any
 
 import aiosmtplib
+import email_validator
 
 from orders.settings import Settings
 
@@ -62,6 +63,18 @@ def money(amount: int, currency: str) -> str:
     return f"{units}.{minor:0{digits}d} {currency}"
 
 
+def ascii_address(address: str) -> str:
+    """The address as it goes on the wire: an internationalised domain in its IDNA (xn--)
+    form. A non-ASCII local part would need SMTPUTF8, which the service does not use:
+    such an address (accepted before placement refused it) raises EmailNotValidError,
+    a permanent failure of its row alone."""
+    if address.isascii():
+        return address
+    parts = email_validator.validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    assert parts.ascii_email is not None  # None only with a non-ASCII local part, refused above
+    return parts.ascii_email
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A rendered email: envelope and the message as bytes on the wire."""
@@ -93,9 +106,10 @@ def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
         f"<td>{html.escape(i['sku'])}</td><td>{money(i['line_total'], currency)}</td></tr>"
         for i in order["items"]
     )
+    to = ascii_address(payload["to"])
     msg = MIMEMultipart("alternative")
     msg["From"] = mail_from
-    msg["To"] = payload["to"]
+    msg["To"] = to
     msg["Subject"] = SUBJECTS[event].format(short=order["id"][:8])  # ASCII by construction
     msg["Message-ID"] = payload["message_id"]
     msg["Date"] = formatdate(usegmt=True)
@@ -107,7 +121,7 @@ def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
             "utf-8",
         )
     )
-    return Outgoing(sender=mail_from, to=payload["to"], data=msg.as_bytes())
+    return Outgoing(sender=mail_from, to=to, data=msg.as_bytes())
 
 
 class Mailer:
@@ -145,6 +159,12 @@ class Mailer:
     async def send(self, smtp: aiosmtplib.SMTP, mail: Outgoing) -> None:
         async with asyncio.timeout(self.settings.smtp_timeout_s):
             await smtp.sendmail(mail.sender, [mail.to], mail.data)
+
+    async def reset(self, smtp: aiosmtplib.SMTP) -> None:
+        """RSET after a failed message: a failure after MAIL FROM (an encoding error, say)
+        leaves the envelope open, and every later MAIL of the session would be refused."""
+        async with asyncio.timeout(self.settings.smtp_timeout_s):
+            await smtp.rset()
 
     async def close(self) -> None:
         """Nothing is held between batches; kept for the lifespan's symmetry."""

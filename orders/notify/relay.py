@@ -11,10 +11,16 @@
   waits for a full turn of a busy event loop, so a few sessions alone fall far behind
   (4 sessions: 11 000 rows left after a 15 s bench run; 16: 3 700, see PERFORMANCE.md).
 * The relay loop claims due rows with FOR UPDATE SKIP LOCKED plus a lease, so replicas
-  share the work without sending a row twice; failures back off exponentially up to a
-  cap of attempts, after which the row is `failed` (metric + error log). It also
-  replays recorded cache invalidations and purges old rows in small batches.
-* `stop(deadline)` stops both, waits for batches under way and flushes what it can
+  share the work without sending a row twice. A failed row backs off exponentially, up
+  to `ORDERS_RELAY_BACKOFF_MAX_S`. Transient failures (the network, timeouts, 4xx
+  replies, a session that cannot be opened) are retried for as long as it takes; a
+  permanent one (a 5xx reply to the row's message, an address that cannot be encoded)
+  makes the row `failed` once it has had `ORDERS_RELAY_MAX_ATTEMPTS` attempts (metric +
+  error log). The loop also replays recorded cache invalidations.
+* Housekeeping, a task of its own every HOUSEKEEPING_S: the outbox metrics, and
+  retention: sent rows and idempotency records past their retention are deleted batch
+  after batch until none is left, so it keeps up with any sustained rate.
+* `stop(deadline)` stops all of it, waits for batches under way and flushes what it can
   before the deadline; whatever is left stays pending for the next replica.
 """
 
@@ -45,6 +51,9 @@ FAST_PATH_HEAD_START_S = 5.0
 DISPATCH_LINGER_S = 0.05
 BACKPRESSURE_LOG_S = 5.0
 BACKOFF_BASE_S = 1.0
+HOUSEKEEPING_S = 30.0
+# Rows one retention statement deletes: a short transaction, whatever the backlog.
+RETENTION_BATCH = 2000
 # Errors after which an SMTP session is unusable: the rest of the batch waits for a retry.
 SESSION_ERRORS: tuple[type[BaseException], ...] = (
     aiosmtplib.SMTPServerDisconnected,
@@ -60,8 +69,17 @@ class LeaseBudgetSpent(Exception):
 
 
 def backoff(attempts: int, cap_s: float) -> float:
-    """Exponential, with jitter: ~1, 2, 4, ... seconds, at most `cap_s`."""
-    return min(cap_s, BACKOFF_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.0)
+    """Exponential, with jitter: ~1, 2, 4, ... seconds, at most `cap_s`. The exponent is
+    bounded: a row retried for days has thousands of attempts (2.0 ** 1100 overflows)."""
+    return min(cap_s, BACKOFF_BASE_S * 2 ** min(30, max(0, attempts - 1))) * random.uniform(0.8, 1.0)
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure of one message that says nothing final about its row: a 4xx reply.
+    (Failures of the session itself are transient too; `_deliver_emails` knows those.)"""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(r.code < 500 for r in exc.recipients)
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code < 500
 
 
 class Relay:
@@ -85,6 +103,7 @@ class Relay:
         self._slots = asyncio.Semaphore(settings.relay_concurrency)
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._housekeeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     # -- fast path -------------------------------------------------------------
@@ -150,7 +169,7 @@ class Relay:
         try:
             await self._mark_sent([r["id"] for r in rows], "audit")
         except Exception as exc:
-            await self._failed([(r, exc) for r in rows])
+            await self._failed([(r, exc, True) for r in rows])
             return 0
         for row in rows:
             p: dict[str, Any] = row["payload"]
@@ -160,9 +179,10 @@ class Relay:
         return len(rows)
 
     async def _deliver_emails(self, rows: list[asyncpg.Record]) -> int:
-        """One SMTP session for the batch; a row that fails is retried later on its own."""
+        """One SMTP session for the batch; a row that fails is retried later on its own,
+        and never takes the other rows of the session with it (RSET after it)."""
         sent: list[asyncpg.Record] = []
-        failed: list[tuple[asyncpg.Record, BaseException]] = []
+        failed: list[tuple[asyncpg.Record, BaseException, bool]] = []  # (row, error, transient)
         remaining = list(rows)
         # The batch's rows are leased for relay_lease_s: stop sending at half of it, so that
         # no row is still being sent when its lease ends and another claimer may take it.
@@ -178,11 +198,12 @@ class Relay:
                     except SESSION_ERRORS:
                         raise
                     except Exception as exc:  # refused recipient and the like: this row only
-                        failed.append((remaining.pop(0), exc))
+                        failed.append((remaining.pop(0), exc, transient(exc)))
+                        await self.mailer.reset(smtp)  # if even RSET fails, the session is gone
                         continue
                     sent.append(remaining.pop(0))
-        except Exception as exc:  # the session broke: what is left is retried later
-            failed += [(r, exc) for r in remaining]
+        except Exception as exc:  # the session broke or never opened: not the rows' fault
+            failed += [(r, exc, True) for r in remaining]
         await self._failed(failed)  # after the session: one statement for all of them
         if not sent:
             return 0
@@ -202,16 +223,18 @@ class Relay:
         async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
             await outbox.mark_sent(conn, ids, kind)
 
-    async def _failed(self, failures: list[tuple[asyncpg.Record, BaseException]]) -> None:
-        """Rows that failed, each with its exception: each backs off by its attempts, or
-        gives up at the cap; one statement records them all."""
+    async def _failed(self, failures: list[tuple[asyncpg.Record, BaseException, bool]]) -> None:
+        """Rows that failed, each with its error and whether it was transient: each backs
+        off by its attempts; a permanent failure gives up at the cap of attempts (which
+        counts every try, so after a long outage the first permanent failure is final).
+        One statement records them all."""
         if not failures:
             return
-        rows = [row for row, _ in failures]
-        errors = [f"{type(exc).__name__}: {exc}"[:500] for _, exc in failures]
+        rows = [row for row, _, _ in failures]
+        errors = [f"{type(exc).__name__}: {exc}"[:500] for _, exc, _ in failures]
         delays, give_ups = [], []
-        for row, exc in failures:
-            give_up = row["attempts"] >= self.settings.relay_max_attempts
+        for row, exc, is_transient in failures:
+            give_up = not is_transient and row["attempts"] >= self.settings.relay_max_attempts
             delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
             delays.append(delay)
             give_ups.append(give_up)
@@ -224,6 +247,7 @@ class Relay:
                     "notification_failed",
                     kind=row["kind"],
                     attempts=row["attempts"],
+                    transient=is_transient,
                     gave_up=give_up,
                     retry_in_s=None if give_up else round(delay, 1),
                     error=type(exc).__name__,
@@ -240,38 +264,69 @@ class Relay:
         loop = asyncio.get_running_loop()
         self._dispatcher = loop.create_task(self._dispatch_forever())
         self._loop_task = loop.create_task(self._run())
+        self._housekeeper = loop.create_task(self._housekeep_forever())
 
     async def _run(self) -> None:
-        tick = 0
         while not self._stopping.is_set():
-            claimed = 0
+            claimed = delivered = 0
             try:
-                claimed, _ = await self.run_once(housekeeping=tick % 30 == 0)
+                claimed, delivered = await self.run_once()
             except Exception as exc:
                 log.warning("relay_pass_failed", error=type(exc).__name__)
-            tick += 1
-            if claimed >= self.settings.relay_batch:
-                continue  # a backlog: keep draining without waiting
+            if claimed >= self.settings.relay_batch and delivered == claimed:
+                continue  # a backlog that flows: keep draining without waiting
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.relay_interval_s)
             except TimeoutError:
                 pass
 
-    async def run_once(self, *, housekeeping: bool = False, ahead_s: float = 0.0) -> tuple[int, int]:
+    async def run_once(self, *, ahead_s: float = 0.0) -> tuple[int, int]:
         """One pass: deliver a batch of due rows; returns (claimed, delivered)."""
         s = self.settings
         async with connection(self.pool, s.db_acquire_timeout_s) as conn:
             rows = await outbox.claim_due(conn, s.relay_batch, s.relay_lease_s, ahead_s)
-            if housekeeping:
-                stats = await outbox.stats(conn)
-                NOTIFICATIONS_PENDING.set(stats["pending"])
-                RELAY_LAG.set(stats["lag_s"])
-                await outbox.purge_sent(conn, s.outbox_retention_h, 500)
-                await idempotency.purge(conn, s.idempotency_retention_h, 500)
         delivered = await self._deliver_all(rows)
         if self.replay_invalidations is not None:
             await self.replay_invalidations()
         return len(rows), delivered
+
+    # -- housekeeping ------------------------------------------------------------
+
+    async def _housekeep_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
+                    stats = await outbox.stats(conn)
+                NOTIFICATIONS_PENDING.set(stats["pending"])
+                RELAY_LAG.set(stats["lag_s"])
+                await self.purge_expired()
+            except Exception as exc:
+                log.warning("housekeeping_failed", error=type(exc).__name__)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), HOUSEKEEPING_S)
+            except TimeoutError:
+                pass
+
+    async def purge_expired(self) -> dict[str, int]:
+        """Retention: sent outbox rows and idempotency records past their age, deleted
+        RETENTION_BATCH rows per statement (each its own short transaction) until a batch
+        comes back short. Replicas skip each other's locked rows, so they share the work.
+        Returns the rows deleted by table."""
+        s = self.settings
+        purges = {
+            "outbox": lambda conn: outbox.purge_sent(conn, s.outbox_retention_h, RETENTION_BATCH),
+            "idempotency_keys": lambda conn: idempotency.purge(conn, s.idempotency_retention_h, RETENTION_BATCH),
+        }
+        purged = dict.fromkeys(purges, 0)
+        for table, purge in purges.items():
+            deleted = RETENTION_BATCH
+            while deleted == RETENTION_BATCH and not self._stopping.is_set():
+                async with connection(self.pool, s.db_acquire_timeout_s) as conn:
+                    deleted = await purge(conn)
+                purged[table] += deleted
+        if any(purged.values()):
+            log.info("retention_purged", **purged)
+        return purged
 
     async def stop(self, deadline: float) -> None:
         """Stop the loop; finish in-flight deliveries and flush until `deadline`
@@ -281,11 +336,12 @@ class Relay:
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
 
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(self._loop_task, left())
-            except (TimeoutError, asyncio.CancelledError):
-                pass
+        for task in (self._loop_task, self._housekeeper):
+            if task is not None:
+                try:
+                    await asyncio.wait_for(task, left())
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
         # Batches under way first; rows still queued are claimed by the flush below.
         if self._batches:
             await asyncio.wait(set(self._batches), timeout=left())

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections import Counter
 
+import asyncpg
+import httpx
 import pytest
 
 from orders.devservers import SmtpSink, free_port
-from tests.conftest import ADMIN, auth, make_product, place, running_app, wait_for
+from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, wait_for
+from tests.server import ServerProcess
 
 
 def _by_id(sink: SmtpSink, message_id: str) -> list:
@@ -139,23 +144,190 @@ async def test_rows_past_the_fast_path_queue_are_delivered_by_the_relay(make_set
         sink.stop()
 
 
-async def test_a_failing_row_gives_up_after_the_cap_and_is_counted(make_settings, isolated_db, isolated_pool):
-    settings = make_settings(database_url=isolated_db, smtp_port=free_port(), relay_interval_s=0.1, relay_backoff_max_s=0.2, relay_max_attempts=3)
-    async with running_app(settings) as c:
-        sku = await make_product(c, stock=5)
-        oid = (await place(c, "cust-giveup", (sku, 1))).json()["id"]
+class RefusingSink(SmtpSink):
+    """Answers RCPT TO of some addresses with a fixed reply (550: never; 450: not now)."""
 
-        async def failed() -> bool:
+    def __init__(self, replies: dict[str, str]) -> None:
+        super().__init__()
+        self.replies = replies
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.replies:
+            return self.replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    match = re.search(rf"^{name}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_a_permanent_failure_gives_up_after_the_cap_a_transient_one_never(make_settings, isolated_db, isolated_pool):
+    """550 to a recipient is final after ORDERS_RELAY_MAX_ATTEMPTS; 450 is retried long past
+    it; a good address in between is delivered all along."""
+    sink = RefusingSink({"refused@example.com": "550 5.1.1 no such user", "busy@example.com": "450 4.2.1 try later"})
+    sink.start()
+    try:
+        settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1,
+                                 relay_backoff_max_s=0.2, relay_max_attempts=3)
+        async with running_app(settings) as c:
+            # The counters belong to this test process, which runs other apps too.
+            before = (await c.get("/metrics")).text
+            sku = await make_product(c, stock=5)
+            refused, busy, good = [
+                (await place(c, f"cust-giveup-{i}", (sku, 1), email=email)).json()["id"]
+                for i, email in enumerate(["refused@example.com", "busy@example.com", "good@example.com"])
+            ]
+
+            async def email_row(oid: str):
+                async with isolated_pool.acquire() as conn:
+                    return await conn.fetchrow(
+                        "SELECT status, attempts, last_error FROM outbox WHERE order_id = $1 AND kind = 'email'", oid)
+
+            async def settled() -> bool:
+                return (await email_row(refused))["status"] == "failed" and (await email_row(busy))["attempts"] >= 6
+
+            await wait_for(settled, timeout=30)
+            final = await email_row(refused)
+            assert final["attempts"] == 3 and "550" in final["last_error"]
+            assert (await email_row(busy))["status"] == "pending"
+            assert (await email_row(good))["status"] == "sent"
+            assert _by_id(sink, f"<order-{good}.created@orders>")
+            after = (await c.get("/metrics")).text
+
+            def failed(final: str) -> float:
+                name = "orders_notifications_failed_total"
+                return _metric(after, name, kind="email", final=final) - _metric(before, name, kind="email", final=final)
+
+            assert failed("true") == 1
+            assert failed("false") >= 2 + 5  # the 550 before the cap, the 450 every time
             async with isolated_pool.acquire() as conn:
-                return await conn.fetchval(
-                    "SELECT status = 'failed' AND attempts = 3 FROM outbox WHERE order_id = $1 AND kind = 'email'", oid)
+                # The audit entries did not depend on SMTP and were delivered.
+                assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE order_id = ANY($1::uuid[])",
+                                           [refused, busy, good]) == 3
+    finally:
+        sink.stop()
 
-        await wait_for(failed, timeout=30)
-        metrics = (await c.get("/metrics")).text
-        assert 'orders_notifications_failed_total{final="true",kind="email"}' in metrics
-        async with isolated_pool.acquire() as conn:
-            # The audit entry did not depend on SMTP and was delivered.
-            assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE order_id = $1", oid) == 1
+
+def test_an_smtp_outage_past_the_old_give_up_loses_no_email(base_env, isolated_db, tmp_path):
+    """`orders serve` with ORDERS_RELAY_MAX_ATTEMPTS=2 and a 0.5 s backoff cap: the relay used
+    to fail every row for good at its 2nd attempt, about 2 s into an outage. SMTP stays down
+    until each row has had 6 attempts, then comes back on the same port: every email arrives,
+    exactly once, and nothing was ever final."""
+    port = free_port()  # nothing listens there yet
+    server = ServerProcess(base_env, tmp_path, ORDERS_DATABASE_URL=isolated_db, ORDERS_SMTP_PORT=str(port),
+                           ORDERS_RELAY_MAX_ATTEMPTS="2", ORDERS_RELAY_BACKOFF_MAX_S="0.5",
+                           ORDERS_RELAY_INTERVAL_S="0.2", ORDERS_SMTP_TIMEOUT_S="2")
+    sink = SmtpSink(port=port)
+
+    async def email_rows() -> list:
+        conn = await asyncpg.connect(isolated_db)
+        try:
+            return await conn.fetch("SELECT status, attempts FROM outbox WHERE kind = 'email'")
+        finally:
+            await conn.close()
+
+    with server, httpx.Client(base_url=server.url, timeout=10) as c:
+        sku = f"T-{uuid.uuid4().hex[:12]}"
+        r = c.put(f"/v1/products/{sku}", headers=ADMIN, json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 50})
+        assert r.status_code == 201
+        ids = []
+        for i in range(6):
+            r = c.post("/v1/orders", headers={**auth(f"cust-outage-{i}"), "Idempotency-Key": uuid.uuid4().hex},
+                       json=order_body((sku, 1)))
+            assert r.status_code == 201
+            ids.append(r.json()["id"])
+
+        def tried_past_the_old_give_up() -> bool:
+            rows = asyncio.run(email_rows())
+            assert [row["status"] for row in rows] == ["pending"] * 6, "an outage made a row final"
+            return min(row["attempts"] for row in rows) >= 6
+
+        deadline = time.monotonic() + 60
+        while not tried_past_the_old_give_up():
+            assert time.monotonic() < deadline, "the relay stopped retrying during the outage"
+            time.sleep(0.2)
+
+        sink.start()
+        try:
+            expected = {f"<order-{oid}.created@orders>" for oid in ids}
+            deadline = time.monotonic() + 30
+            while not expected <= {m["Message-ID"] for m in sink.messages}:
+                assert time.monotonic() < deadline, "not every email arrived after the outage"
+                time.sleep(0.2)
+            while {row["status"] for row in asyncio.run(email_rows())} != {"sent"}:
+                assert time.monotonic() < deadline, "delivered rows not recorded as sent"
+                time.sleep(0.2)
+            time.sleep(1)  # more relay passes: still nothing twice
+            counts = Counter(m["Message-ID"] for m in sink.messages)
+            assert counts == Counter(expected)
+            metrics = c.get("/metrics").text
+            assert _metric(metrics, "orders_notifications_sent_total", kind="email") == 6
+            assert _metric(metrics, "orders_notifications_failed_total", kind="email", final="true") == 0
+            assert _metric(metrics, "orders_notifications_failed_total", kind="email", final="false") >= 6 * 5
+        finally:
+            sink.stop()
+
+
+async def test_a_bad_address_mid_batch_fails_alone(make_settings, isolated_db, isolated_pool):
+    """A row whose address cannot be sent (`ü@example.com`, accepted before placement refused
+    it) between two good rows of one batch: both good rows are delivered in that batch's
+    session, the bad one is failed. It used to break the session for the next row
+    (UnicodeEncodeError after MAIL FROM, then "503 nested MAIL command")."""
+    port = free_port()
+    # The relay's own loop makes one pass at start, then sleeps: the test runs the batch.
+    settings = make_settings(database_url=isolated_db, smtp_port=port, relay_interval_s=3600, relay_max_attempts=1)
+    sink = SmtpSink(port=port)
+    try:
+        async with running_app(settings) as c:
+            sku = await make_product(c, stock=10)
+            ids = [(await place(c, f"cust-batch-{i}", (sku, 1), email=f"batch-{i}@example.com")).json()["id"]
+                   for i in range(3)]
+
+            async def fast_path_failed() -> bool:  # SMTP was down: the rows wait for a retry
+                async with isolated_pool.acquire() as conn:
+                    return await conn.fetchval(
+                        "SELECT count(*) FROM outbox WHERE kind = 'email' AND claimed_until IS NULL AND attempts = 1") == 3
+
+            await wait_for(fast_path_failed)
+            async with isolated_pool.acquire() as conn:
+                await conn.execute(
+                    """UPDATE outbox SET next_attempt_at = now() - interval '1 minute',
+                              payload = CASE WHEN order_id = $1 THEN jsonb_set(payload, '{to}', '"ü@example.com"')
+                                             ELSE payload END
+                        WHERE kind = 'email'""",
+                    ids[1],
+                )
+            sink.start()
+            assert await c.app.state.res.relay.run_once() == (3, 2)  # one batch, one session
+            assert [m["Message-ID"] for m in sink.messages] == [f"<order-{ids[0]}.created@orders>",
+                                                                f"<order-{ids[2]}.created@orders>"]
+            async with isolated_pool.acquire() as conn:
+                rows = await conn.fetch("SELECT order_id::text, status, last_error FROM outbox WHERE kind = 'email'")
+            by_order = {r["order_id"]: r for r in rows}
+            assert [by_order[oid]["status"] for oid in ids] == ["sent", "failed", "sent"]
+            assert "EmailSyntaxError" in by_order[ids[1]]["last_error"]
+    finally:
+        sink.stop()
+
+
+async def test_placement_refuses_an_address_that_cannot_be_sent(client, smtp):
+    """A non-ASCII local part needs SMTPUTF8: 422 at placement, never a 201 that cannot be
+    kept. An internationalised domain is fine: stored as given, sent in its IDNA form."""
+    sku = await make_product(client, stock=10)
+    r = await place(client, "cust-idn", (sku, 1), email="ü@example.com")
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/validation-error")
+    r = await place(client, "cust-idn", (sku, 1), email="käufer@bücher.de")
+    assert r.status_code == 422
+    r = await place(client, "cust-idn", (sku, 1), email="buyer@Bücher.de")
+    assert r.status_code == 201, r.text
+    assert r.json()["email"] == "buyer@bücher.de"
+    [msg] = await wait_for(lambda: _by_id(smtp, f"<order-{r.json()['id']}.created@orders>"))
+    assert msg["To"] == "buyer@xn--bcher-kva.de"
 
 
 @pytest.mark.parametrize("n", [1])
