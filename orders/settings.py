@@ -12,8 +12,19 @@ from typing import Literal
 from pydantic import Field, PostgresDsn, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MIN_JWT_SECRET_BYTES = 32
-WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "jwt-secret"}
+MIN_SECRET_BYTES = 32
+MIN_SECRET_DISTINCT_CHARS = 12
+
+
+def check_secret(name: str, secret: str | None) -> None:
+    """Refuse a signing secret that is missing, short or guessable: at least 32 bytes and
+    12 distinct characters ("a" * 32 and "password" * 4 are long enough, not secret)."""
+    value = secret or ""
+    if len(value.encode()) < MIN_SECRET_BYTES or len(set(value)) < MIN_SECRET_DISTINCT_CHARS:
+        raise ValueError(
+            f"{name} is required and must be at least {MIN_SECRET_BYTES} bytes with at least"
+            f" {MIN_SECRET_DISTINCT_CHARS} distinct characters (e.g. `openssl rand -base64 48`)"
+        )
 
 
 class Settings(BaseSettings):
@@ -84,9 +95,7 @@ class Settings(BaseSettings):
             return self
         if self.database_url is None:
             raise ValueError("ORDERS_DATABASE_URL is required (or run `orders dev`)")
-        secret = self.jwt_secret or ""
-        if len(secret.encode()) < MIN_JWT_SECRET_BYTES or secret.lower() in WEAK_SECRETS:
-            raise ValueError(f"ORDERS_JWT_SECRET is required and must be at least {MIN_JWT_SECRET_BYTES} bytes")
+        check_secret("ORDERS_JWT_SECRET", self.jwt_secret)
         return self
 
     @property

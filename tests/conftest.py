@@ -33,7 +33,7 @@ from orders.db.pool import init_connection
 from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink
 from orders.settings import Settings
 
-JWT_SECRET = "test-secret-" + "k" * 40
+JWT_SECRET = "test-only-jwt-secret-0123456789-abcdefghij"
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
