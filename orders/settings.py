@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rate_limit_per_minute: int = Field(60, ge=0)
+    # Orders of one customer that may be pending (unpaid) at once; 0: no cap.
+    max_pending_orders_per_customer: int = Field(10, ge=0, le=1_000_000)
 
     # Notification relay: how often it polls, how many rows a pass claims, when it gives up.
     relay_interval_s: float = Field(1.0, gt=0)

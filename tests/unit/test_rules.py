@@ -30,7 +30,7 @@ def test_settings_refuse_missing_or_weak_jwt_secret(secret):
 
 @pytest.mark.parametrize("secret", WEAK_SECRETS)
 def test_the_secret_rule_is_reusable_and_names_the_setting(secret):
-    with pytest.raises(ValueError, match="ORDERS_OTHER_SECRET .*32 bytes.*12 distinct"):
+    with pytest.raises(ValueError, match=r"ORDERS_OTHER_SECRET .*32 bytes.*12 distinct"):
         check_secret("ORDERS_OTHER_SECRET", secret)
 
 
@@ -52,6 +52,7 @@ def test_settings_defaults_follow_the_contract():
     assert (s.cache_ttl_s, s.smtp_host, s.smtp_port, s.smtp_starttls) == (300, "localhost", 1025, False)
     assert (s.mail_from, s.max_body_bytes, s.shutdown_grace_s) == ("orders@example.com", 65536, 25)
     assert (s.log_format, s.log_level, s.rate_limit_per_minute, s.migrate_on_start) == ("json", "info", 60, True)
+    assert s.max_pending_orders_per_customer == 10
     with pytest.raises(ValidationError):
         Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG, db_pool_min=9, db_pool_max=3)
 
