@@ -76,6 +76,10 @@ class InsufficientStock(Problem):
     status, slug, title = 409, "insufficient-stock", "Insufficient stock"
 
 
+class TooManyPendingOrders(Problem):
+    status, slug, title = 409, "too-many-pending-orders", "Too many pending orders"
+
+
 class InvalidTransition(Problem):
     status, slug, title = 409, "invalid-transition", "Invalid status transition"
 

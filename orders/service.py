@@ -29,6 +29,7 @@ from orders.errors import (
     InvalidTransition,
     NotFound,
     PreconditionFailed,
+    TooManyPendingOrders,
     Unavailable,
     UnknownSku,
     ValidationFailed,
@@ -112,7 +113,8 @@ async def place_order(
                     return _replay(claim, fingerprint)
                 if not claim["locked"]:
                     raise IdempotencyInProgress()
-                placed, order, reserved = await _place(conn, who, key, fingerprint, req, lines, claim, request_id)
+                cap = res.settings.max_pending_orders_per_customer
+                placed, order, reserved = await _place(conn, who, key, fingerprint, req, lines, claim, request_id, cap)
             break
         except (asyncpg.DeadlockDetectedError, CatalogChanged) as exc:
             # Product rows are locked in SKU order, so a deadlock should not happen; a
@@ -144,9 +146,14 @@ async def _place(
     lines: list[Any],
     claim: asyncpg.Record,
     request_id: str | None,
+    max_pending: int,
 ) -> tuple[Placed, dict[str, Any], list[tuple[str, int]]]:
     """Price the order from the claim's snapshot of the catalog, then reserve and write
     it in one statement (orders.PLACE_SQL)."""
+    # docs/API.md: the cap is the first business outcome. Refused at once when the claim's
+    # count already says so (it was true then); otherwise PLACE_SQL decides on the locked row.
+    if max_pending and (claim["pending"] or 0) >= max_pending:
+        raise _too_many_pending(max_pending)
     catalog = {
         sku: (name, price, stock)
         for sku, name, price, stock in zip(
@@ -208,13 +215,23 @@ async def _place(
         request_hash=fingerprint,
         response_body=body,
         terms=[(line.sku, line.quantity, catalog[line.sku][0], catalog[line.sku][1]) for line in lines],
+        max_pending=max_pending,
     )
     if not row["placed"]:
+        if not row["room"]:
+            raise _too_many_pending(max_pending)
         if not row["same_terms"]:
             raise CatalogChanged()
         raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=list(row["short"] or []))
     reserved = list(zip(row["reserved_skus"], row["reserved_versions"], strict=True))
     return Placed(201, body, order["id"], 1, False, list(row["outbox_ids"] or [])), order, reserved
+
+
+def _too_many_pending(max_pending: int) -> TooManyPendingOrders:
+    return TooManyPendingOrders(
+        f"at most {max_pending} orders may be pending at once; pay or cancel one first; nothing was reserved",
+        max_pending_orders=max_pending,
+    )
 
 
 def _if_match_ok(if_match: str | None, version: int) -> bool:

@@ -12,8 +12,19 @@ from typing import Literal
 from pydantic import Field, PostgresDsn, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MIN_JWT_SECRET_BYTES = 32
-WEAK_SECRETS = {"secret", "changeme", "change-me", "password", "jwt-secret"}
+MIN_SECRET_BYTES = 32
+MIN_SECRET_DISTINCT_CHARS = 12
+
+
+def check_secret(name: str, secret: str | None) -> None:
+    """Refuse a signing secret that is missing, short or guessable: at least 32 bytes and
+    12 distinct characters ("a" * 32 and "password" * 4 are long enough, not secret)."""
+    value = secret or ""
+    if len(value.encode()) < MIN_SECRET_BYTES or len(set(value)) < MIN_SECRET_DISTINCT_CHARS:
+        raise ValueError(
+            f"{name} is required and must be at least {MIN_SECRET_BYTES} bytes with at least"
+            f" {MIN_SECRET_DISTINCT_CHARS} distinct characters (e.g. `openssl rand -base64 48`)"
+        )
 
 
 class Settings(BaseSettings):
@@ -56,6 +67,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rate_limit_per_minute: int = Field(60, ge=0)
+    # Orders of one customer that may be pending (unpaid) at once; 0: no cap.
+    max_pending_orders_per_customer: int = Field(10, ge=0, le=1_000_000)
 
     # Notification relay: how often it polls, how many rows a pass claims, when it gives up
     # on a permanent failure (transient ones are retried forever, at most
@@ -86,9 +99,7 @@ class Settings(BaseSettings):
             return self
         if self.database_url is None:
             raise ValueError("ORDERS_DATABASE_URL is required (or run `orders dev`)")
-        secret = self.jwt_secret or ""
-        if len(secret.encode()) < MIN_JWT_SECRET_BYTES or secret.lower() in WEAK_SECRETS:
-            raise ValueError(f"ORDERS_JWT_SECRET is required and must be at least {MIN_JWT_SECRET_BYTES} bytes")
+        check_secret("ORDERS_JWT_SECRET", self.jwt_secret)
         return self
 
     @property

@@ -33,7 +33,7 @@ from orders.db.pool import init_connection
 from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink
 from orders.settings import Settings
 
-JWT_SECRET = "test-secret-" + "k" * 40
+JWT_SECRET = "test-only-jwt-secret-0123456789-abcdefghij"
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -157,6 +157,9 @@ def base_env(database_url: str, redis_url: str, smtp: SmtpSink, cache_prefix: st
         # connections, and a busy 2-core CI box must not turn that queue into 503s.
         "ORDERS_DB_ACQUIRE_TIMEOUT_S": "5",
         "ORDERS_RATE_LIMIT_PER_MINUTE": "0",
+        # Tests reuse customer names across the session and some place many orders for one
+        # customer (fuzzing, rate limits, load); the cap has its own app in test_pending_cap.py.
+        "ORDERS_MAX_PENDING_ORDERS_PER_CUSTOMER": "1000",
         "ORDERS_LOG_LEVEL": "warning",
         "ORDERS_RELAY_INTERVAL_S": "0.5",
     }

@@ -19,6 +19,8 @@ Needs ORDERS_DATABASE_URL.
    non-cancelled orders = the stock it was created with.
 3. Every order that got a 201 exists, with its customer; every order whose cancel got a
    200 is cancelled.
+4. Each customer's count of pending orders (customer_pending, for the pending cap) is the
+   number of their orders that are pending.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
                 """,
                 list(ledger["skus"]),
             )
+            counted = {
+                r["customer_id"]: r["pending"]
+                for r in await conn.fetch(
+                    "SELECT customer_id, pending FROM customer_pending WHERE customer_id LIKE $1 AND pending > 0",
+                    prefix,
+                )
+            }
     finally:
         await conn.close()
 
@@ -106,6 +115,18 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
         if got is not None and got[1] != "cancelled":
             violations.append(f"order {oid} answered 200 to its cancel but is {got[1]}")
 
+    # 4. the pending count
+    pending: dict[str, int] = {}
+    for customer, status in orders.values():
+        if status == "pending":
+            pending[customer] = pending.get(customer, 0) + 1
+    if counted != pending:
+        wrong = sorted(c for c in counted.keys() | pending.keys() if counted.get(c) != pending.get(c))
+        violations.append(
+            f"pending count differs from the pending orders for {len(wrong)} customer(s), e.g. "
+            + ", ".join(f"{c}: {counted.get(c, 0)} counted, {pending.get(c, 0)} orders" for c in wrong[:3])
+        )
+
     return {
         "violations": violations,
         "checked": {
@@ -115,6 +136,7 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
             "idempotency_records": len(keys),
             "skus": len(ledger["skus"]),
             "cancels_acknowledged": len(ledger["cancelled"]),
+            "pending_orders": sum(pending.values()),
             "stock": {r["sku"]: {"stock": r["stock"], "reserved": r["reserved"]} for r in stock},
         },
     }

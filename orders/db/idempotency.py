@@ -11,13 +11,15 @@ import asyncpg
 
 # One round trip: the lock, the existing record, and a snapshot of the requested SKUs
 # (read without locking them): how many currencies they span (a validation error that
-# must win over the key's outcome), and their currency, names, prices and stock, by SKU.
-# The order is priced from this snapshot; orders.PLACE_SQL then locks the rows and
-# reserves only if stock and terms still hold on their latest versions.
+# must win over the key's outcome), and their currency, names, prices and stock, by SKU;
+# and the customer's count of pending orders. The order is priced from this snapshot;
+# orders.PLACE_SQL then locks the rows and reserves only if the count, stock and terms
+# still allow it on their latest versions.
 CLAIM_SQL = """
 SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2)) AS locked,
        k.request_hash, k.status_code, k.response_body,
-       c.currencies, c.currency, c.skus, c.names, c.unit_prices, c.stocks, now() AS now
+       c.currencies, c.currency, c.skus, c.names, c.unit_prices, c.stocks, now() AS now,
+       (SELECT cp.pending FROM customer_pending cp WHERE cp.customer_id = $1) AS pending
   FROM (SELECT 1) AS one
   LEFT JOIN idempotency_keys k ON k.customer_id = $1 AND k.key = $2
  CROSS JOIN (SELECT count(DISTINCT p.currency) AS currencies, min(p.currency::text) AS currency,

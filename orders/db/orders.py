@@ -21,26 +21,35 @@ ITEMS_SUBQUERY = """
 """
 
 # A new order in one statement, after the claim: its reservation and everything it
-# writes. `locked` takes the product rows' locks in SKU order ($23 is sorted) before any
-# line is updated, whatever plan the UPDATE gets (with a scan, the UPDATE alone locks
-# rows in physical order, and orders for the same hot SKUs deadlock: seen with a
-# two-product catalog), and returns their latest versions. Each line is reserved when
-# its stock suffices and its name, price and currency are still those of the claim's
-# snapshot the order was priced from; only when every line is does the rest get
+# writes. `customer` locks the customer's row of customer_pending first, always before
+# the product rows (CHANGE_SQL does the same), and says whether the customer is under
+# the cap of pending orders ($27, 0 for none); the count is the latest one, and the
+# triggers of migration 0002 add this order to it at the end of the statement. A
+# customer's concurrent orders thus go one at a time, and one at the cap takes no
+# product lock. `locked` takes the product rows' locks in SKU order ($23 is sorted)
+# before any line is updated, whatever plan the UPDATE gets (with a scan, the UPDATE
+# alone locks rows in physical order, and orders for the same hot SKUs deadlock: seen
+# with a two-product catalog), and returns their latest versions. Each line is reserved
+# when its stock suffices and its name, price and currency are still those of the
+# claim's snapshot the order was priced from; only when every line is does the rest get
 # written: the order, its items, its first event, its outbox rows and the idempotency
-# record with the answer to replay. Otherwise nothing is inserted and `short` /
+# record with the answer to replay. Otherwise nothing is inserted and `room` / `short` /
 # `same_terms` say why; the caller rolls back (undoing the lines that were reserved).
 # The hot product rows stay locked for this statement and the COMMIT only. The
 # foreign-key checks of order_items run at the end of the statement, on rows this
 # transaction already holds (checked before the lock, other orders' updates would make
 # them multixacts: 30 ms of PostgreSQL CPU per order in a two-SKU rush).
 PLACE_SQL = """
-WITH req AS (
+WITH customer AS (
+    INSERT INTO customer_pending AS c (customer_id, pending) VALUES ($2::text, 0)
+        ON CONFLICT (customer_id) DO UPDATE SET pending = c.pending
+    RETURNING $27::int = 0 OR c.pending < $27::int AS room
+), req AS (
     SELECT * FROM unnest($23::text[], $24::int[], $25::text[], $26::bigint[]) AS r(sku, qty, name, unit_price)
 ), locked AS MATERIALIZED (
     SELECT p.sku, p.stock, p.name, p.unit_price, p.currency::text AS currency
-      FROM products p WHERE p.sku = ANY($23::text[])
-     ORDER BY p.sku FOR NO KEY UPDATE
+      FROM customer, products p WHERE customer.room AND p.sku = ANY($23::text[])
+     ORDER BY p.sku FOR NO KEY UPDATE OF p
 ), upd AS (
     UPDATE products p
        SET stock = p.stock - req.qty, version = p.version + 1, updated_at = now()
@@ -73,6 +82,7 @@ WITH req AS (
     SELECT $2::text, $20::text, $21::bytea, 201, $22::bytea, $1::uuid FROM ok WHERE ok.ok
 )
 SELECT (SELECT ok.ok FROM ok) AS placed,
+       (SELECT customer.room FROM customer) AS room,
        (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
        (SELECT array_agg(upd.sku ORDER BY upd.sku) FROM upd) AS reserved_skus,
        (SELECT array_agg(upd.version ORDER BY upd.sku) FROM upd) AS reserved_versions,
@@ -96,9 +106,10 @@ async def place(
     request_hash: bytes,
     response_body: bytes,
     terms: list[tuple[str, int, str, int]],
+    max_pending: int,
 ) -> asyncpg.Record:
     """`terms`: (sku, quantity, name, unit_price) of each line, sorted by SKU, as the
-    order was priced."""
+    order was priced; `max_pending`: the customer's cap of pending orders (0: none)."""
     items = order["items"]
     row = await conn.fetchrow(
         PLACE_SQL,
@@ -128,6 +139,7 @@ async def place(
         [t[1] for t in terms],
         [t[2] for t in terms],
         [t[3] for t in terms],
+        max_pending,
     )
     assert row is not None
     return row
@@ -178,16 +190,24 @@ async def page(
 
 # A status change: the order row (already locked by get_for_update), its event, its
 # outbox rows; `$6` releases the stock when the change is a cancellation, locking the
-# product rows in SKU order first, as a new order does (PLACE_SQL).
+# product rows in SKU order first, as a new order does (PLACE_SQL). An order leaving
+# pending is taken off its customer's count by the triggers of migration 0002 at the end
+# of the statement; `customer` locks that row before the product rows, in PLACE_SQL's
+# order (locked after them, a cancel and a new order of one customer could deadlock).
 CHANGE_SQL = """
-WITH changed AS (
+WITH customer AS MATERIALIZED (
+    SELECT c.customer_id FROM customer_pending c JOIN orders o USING (customer_id)
+     WHERE o.id = $1 AND o.status = 'pending'
+       FOR NO KEY UPDATE OF c
+), changed AS (
     UPDATE orders SET status = $2, version = version + 1, updated_at = now()
      WHERE id = $1
  RETURNING id, version, updated_at
 ), locked AS MATERIALIZED (
     SELECT p.sku FROM products p
      WHERE $6 AND p.sku IN (SELECT i.sku FROM order_items i WHERE i.order_id = $1)
-     ORDER BY p.sku FOR NO KEY UPDATE
+       AND (SELECT count(*) FROM customer) >= 0  -- (always true: the customer's row first)
+     ORDER BY p.sku FOR NO KEY UPDATE OF p
 ), released AS (
     UPDATE products p
        SET stock = p.stock + i.quantity, version = p.version + 1, updated_at = now()

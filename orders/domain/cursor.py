@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 import orjson
@@ -46,6 +46,10 @@ def decode_order_cursor(cursor: str) -> tuple[datetime, UUID]:
         raise BadCursor("malformed cursor") from None
     if at.tzinfo is None:
         raise BadCursor("malformed cursor")
+    try:  # what the driver does with it; "0001-01-01T00:00:00+14:00" is before year 1 in UTC
+        at.astimezone(UTC)
+    except OverflowError:
+        raise BadCursor("cursor out of range") from None
     return at, order_id
 
 

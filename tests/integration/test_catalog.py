@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+
+import orjson
 import pytest
 
 from tests.conftest import ADMIN, make_product
@@ -70,3 +73,11 @@ async def test_list_rejects_bad_parameters(client):
         r = await client.get("/v1/products", params=params)
         assert r.status_code == 422, params
         assert r.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("value", [["A", "B"], [], [7], ["A\u0000"], {"sku": "A"}, "A"])
+async def test_malformed_cursors_are_422(client, value):
+    cursor = base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+    r = await client.get("/v1/products", params={"cursor": cursor})
+    assert r.status_code == 422, r.text
+    assert r.json()["type"].endswith("/validation-error") and r.json()["errors"][0]["field"] == "cursor"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 
+import orjson
 import pytest
 
 from tests.conftest import ADMIN, auth, make_product, new_key, order_body, place, running_app
@@ -179,6 +181,34 @@ async def test_list_filters_by_status(client):
 async def test_list_rejects_bad_parameters(client, params):
     r = await client.get("/v1/orders", params=params, headers=auth("c"))
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+
+
+def _cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
+ANY_ID = "6f1c2e8a-4b1d-4c2e-9a7b-0d3e5f6a7b8c"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["0001-01-01T00:00:00+14:00", ANY_ID],  # before year 1 in UTC: was a 500 (OverflowError)
+        ["9999-12-31T23:59:59-14:00", ANY_ID],  # after year 9999 in UTC
+        ["2026-01-01T00:00:00", ANY_ID],  # no offset
+        ["2026-01-01T00:00:00Z", "not-a-uuid"],
+        ["2026-01-01T00:00:00Z"],
+        [1, ANY_ID],
+        {"at": "2026-01-01T00:00:00Z"},
+    ],
+)
+@pytest.mark.parametrize("who", ["customer", "staff"])
+async def test_out_of_range_or_malformed_cursors_are_422(client, value, who):
+    headers = ADMIN if who == "staff" else auth("cust-cursor")
+    r = await client.get("/v1/orders", params={"cursor": _cursor(value)}, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/validation-error") and r.json()["errors"][0]["field"] == "cursor"
 
 
 async def test_cancel_releases_stock_exactly_once(client, db):

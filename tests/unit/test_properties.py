@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from orders.domain.cursor import (
@@ -207,6 +207,34 @@ def test_sku_cursor_round_trips_any_text_without_nul(text):
             decode_sku_cursor(encode_sku_cursor(text))
     else:
         assert decode_sku_cursor(encode_sku_cursor(text)) == text
+
+
+# Every instant Python can write, with any offset under a day (to the second): a decoded
+# cursor is one the driver can send (asyncpg converts it to UTC), anything else is
+# BadCursor (422), never an OverflowError (a 500).
+any_offset = st.integers(min_value=-86399, max_value=86399).map(lambda s: timezone(timedelta(seconds=s)))
+any_tz = st.one_of(st.just(UTC), any_offset)
+any_aware = st.one_of(
+    st.datetimes(timezones=any_tz),
+    # The first and last day, where an offset takes the instant out of range in UTC.
+    st.datetimes(max_value=datetime(1, 1, 2), timezones=any_tz),
+    st.datetimes(min_value=datetime(9999, 12, 30), timezones=any_tz),
+)
+
+
+@props
+@given(any_aware, st.uuids())
+@example(datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))), uuid.UUID(int=1))
+@example(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-14))), uuid.UUID(int=1))
+def test_an_order_cursor_decodes_to_an_instant_the_driver_can_send_or_is_bad(at, order_id):
+    cursor = encode_order_cursor(at, order_id)
+    try:
+        back_at, back_id = decode_order_cursor(cursor)
+    except BadCursor:
+        with pytest.raises(OverflowError):  # refused only when it is out of range in UTC
+            at.astimezone(UTC)
+        return
+    assert back_at.astimezone(UTC) == at.astimezone(UTC) and back_id == order_id
 
 
 def _decodes_or_bad_cursor(cursor: str) -> None:

@@ -11,15 +11,33 @@ from pydantic import ValidationError
 from orders.notify.email import money, render
 from orders.notify.outbox import email_row, message_id
 from orders.service import _if_match_ok, request_fingerprint
-from orders.settings import Settings
+from orders.settings import Settings, check_secret
 
-STRONG = "s" * 40
+STRONG = "unit-test-only-secret-0123456789-abcdef"
+
+WEAK_SECRETS = [
+    None, "", "secret", "short-secret", "change-me", "Ab1-" * 7,  # missing or under 32 bytes
+    "a" * 32, "password" * 4, "ab" * 40, "abcdefghijk" * 3, "changemechangemechangemechangeme",  # under 12 distinct
+]
 
 
-@pytest.mark.parametrize("secret", [None, "", "secret", "short-secret", "change-me"])
+@pytest.mark.parametrize("secret", WEAK_SECRETS)
 def test_settings_refuse_missing_or_weak_jwt_secret(secret):
     with pytest.raises(ValidationError, match="ORDERS_JWT_SECRET"):
         Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=secret)
+    Settings(_env_file=None, jwt_secret=secret, dev=True)  # dev takes anything
+
+
+@pytest.mark.parametrize("secret", WEAK_SECRETS)
+def test_the_secret_rule_is_reusable_and_names_the_setting(secret):
+    with pytest.raises(ValueError, match=r"ORDERS_OTHER_SECRET .*32 bytes.*12 distinct"):
+        check_secret("ORDERS_OTHER_SECRET", secret)
+
+
+@pytest.mark.parametrize("secret", ["abcdefghijkl" * 3, "é" * 6 + "abcdefghijk" + "0" * 10, STRONG])
+def test_secrets_of_32_bytes_and_12_distinct_characters_pass(secret):
+    check_secret("ORDERS_OTHER_SECRET", secret)
+    assert Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=secret).jwt_secret == secret
 
 
 def test_settings_require_a_database_outside_dev():
@@ -34,6 +52,7 @@ def test_settings_defaults_follow_the_contract():
     assert (s.cache_ttl_s, s.smtp_host, s.smtp_port, s.smtp_starttls) == (300, "localhost", 1025, False)
     assert (s.mail_from, s.max_body_bytes, s.shutdown_grace_s) == ("orders@example.com", 65536, 25)
     assert (s.log_format, s.log_level, s.rate_limit_per_minute, s.migrate_on_start) == ("json", "info", 60, True)
+    assert s.max_pending_orders_per_customer == 10
     with pytest.raises(ValidationError):
         Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG, db_pool_min=9, db_pool_max=3)
 
