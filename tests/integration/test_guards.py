@@ -348,7 +348,7 @@ class Recorder:
 
 
 async def test_the_cause_of_a_503_is_logged_once_per_interval(
-    database_url: str, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = Recorder()
     monkeypatch.setattr(unavailable_log, "logger", recorder)
