@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orders.api import health, orders, products
@@ -33,7 +34,8 @@ ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match
 class CatchAll:
     """Innermost safety net: an unexpected exception becomes a bare 500 problem (the
     traceback goes to the log, never to the client), inside RequestContext so that it
-    still carries X-Request-ID."""
+    still carries X-Request-ID. A client that went away while its body was being read
+    is no server error: an info line, and no answer (RequestContext counts it as 499)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -52,6 +54,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.info("client_disconnected", method=scope["method"], path=scope["path"])
         except Exception:
             log.exception("unhandled_error")
             if started:

@@ -36,13 +36,17 @@ class Server(uvicorn.Server):
 
 
 def uvicorn_config(settings: Settings, app: object | str = "orders.main:app") -> uvicorn.Config:
-    return uvicorn.Config(
+    # httptools behind orders.http_protocol: its head size limit, head and body timeouts
+    # and connection cap (plain `uvicorn orders.main:app` has none of them).
+    from orders.http_protocol import Config, Limits
+
+    return Config(
         app,
+        Limits.from_settings(settings),
         host=settings.host,
         port=settings.port,
         workers=settings.workers if isinstance(app, str) else None,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         log_config=None,
         access_log=False,

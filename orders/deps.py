@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from orders.auth import Principal
 from orders.domain.cursor import BadCursor
 from orders.errors import Forbidden, NotFound, Unavailable, ValidationFailed
+from orders.observability import unavailable_log
 from orders.resources import Resources
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ async def serving_resources(res: Annotated[Resources, Depends(get_resources)]) -
     """The resources of a route that does business: after SIGTERM a request that arrives
     (on a keep-alive connection still open) is told to go elsewhere, 503 with Retry-After."""
     if res.draining.is_set():
+        unavailable_log("draining")
         raise Unavailable("the service is draining", retry_after=1)
     return res
 

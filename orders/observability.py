@@ -34,6 +34,11 @@ NOTIFICATIONS_FAILED = Counter(
     "orders_notifications_failed_total", "Outbox delivery attempts that failed", ["kind", "final"]
 )
 RELAY_LAG = Gauge("orders_relay_lag_seconds", "Age of the oldest due, undelivered outbox row")
+HTTP_GUARDED = Counter(
+    "orders_http_guarded_total",
+    "Requests refused or connections closed by the HTTP guards of `orders serve`",
+    ["reason"],
+)
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REDACTED_KEYS = frozenset({"email", "to", "authorization", "token", "password", "jwt"})
@@ -67,7 +72,9 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            # format_exc_info: a stdlib record's exc_info (uvicorn's errors) becomes the
+            # formatted `exception` field, as for our own lines, not a repr of the tuple.
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.processors.format_exc_info],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
@@ -81,6 +88,33 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
 
 
 access_log = structlog.get_logger("orders.access")
+
+
+class Throttled:
+    """A warning per cause at most once every `interval_s` seconds, with how many times the
+    cause occurred since the last line (`count`): a flood of 503s or of refused connections
+    must not flood the log too."""
+
+    def __init__(self, logger: Any, event: str, interval_s: float = 10.0) -> None:
+        self.logger = logger
+        self.event = event
+        self.interval_s = interval_s
+        self._seen: dict[str, list[float]] = {}  # cause -> [last logged (monotonic), count]; causes are a fixed set
+
+    def __call__(self, cause: str, **fields: Any) -> None:
+        now = time.monotonic()
+        seen = self._seen.get(cause)
+        if seen is None:
+            seen = self._seen[cause] = [now - self.interval_s, 0]
+        seen[1] += 1
+        if now - seen[0] >= self.interval_s:
+            self.logger.warning(self.event, cause=cause, count=int(seen[1]), **fields)
+            seen[0], seen[1] = now, 0
+
+
+# Why requests got 503 (pool exhausted, database unreachable, draining...): once per cause
+# every 10 s, with how often it happened meanwhile.
+unavailable_log = Throttled(structlog.get_logger("orders.unavailable"), "unavailable")
 
 # The metric children of each (method, route, status) seen: `labels()` validates and locks
 # on every call; routes are templates, so this stays small.
@@ -115,7 +149,7 @@ class RequestContext:
         request_id = request_id or uuid.uuid4().hex
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        status = 500
+        status = 0
         start = time.perf_counter()
         header = (b"x-request-id", request_id.encode())
 
@@ -128,7 +162,13 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
+            # Returned without an answer: the client went away first (CatchAll answers
+            # every error). 499 as nginx counts it, so that it never inflates the 5xx.
+            status = status or 499
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # of the proxies in front (nginx and cloud load balancers: 60 s), so that a proxy never
     # reuses a connection the service is closing at that instant (a 502 at the proxy).
     keepalive_s: int = Field(75, ge=1, le=3600)
+    # HTTP guards of `orders serve` (orders/http_protocol.py; plain uvicorn has none of them).
+    max_header_bytes: int = Field(16384, ge=1024, le=1048576)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(15.0, gt=0, le=300)
+    max_connections: int = Field(1000, ge=1)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rate_limit_per_minute: int = Field(60, ge=0)

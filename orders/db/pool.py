@@ -22,6 +22,7 @@ import orjson
 import structlog
 
 from orders.errors import Unavailable
+from orders.observability import unavailable_log
 from orders.settings import Settings
 
 log = structlog.get_logger("orders.db")
@@ -94,6 +95,13 @@ async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncp
     try:
         conn = await pool.acquire(timeout=timeout)
     except CONNECTION_ERRORS as exc:
+        if not isinstance(exc, asyncio.TimeoutError):
+            cause = "db_unreachable"
+        elif pool.get_size() >= pool.get_max_size() and pool.get_idle_size() == 0:
+            cause = "pool_exhausted"  # every connection busy for the whole acquire timeout
+        else:
+            cause = "acquire_timeout"  # a new connection did not open in time
+        unavailable_log(cause, error=type(exc).__name__, pool_size=pool.get_size())
         raise Unavailable("the database is not available") from exc
     try:
         yield conn
@@ -103,8 +111,10 @@ async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncp
         # call on it, terminate() included, raises InterfaceError): nothing to do then.
         with contextlib.suppress(Exception):
             conn.terminate()
+        unavailable_log("connection_lost", error=type(exc).__name__)
         raise ConnectionLost("the database connection was lost") from exc
     except asyncpg.QueryCanceledError as exc:  # statement_timeout: the connection is fine
+        unavailable_log("statement_timeout", error=type(exc).__name__)
         raise Unavailable("the database did not answer in time") from exc
     finally:
         try:
