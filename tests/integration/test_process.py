@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
@@ -97,28 +96,36 @@ async def test_sigterm_under_load_loses_nothing(base_env, isolated_db, isolated_
     try:
         sku = _product(first.url)
         outcomes: dict[str, tuple[str, dict, int | None]] = {}  # key -> (customer, body, status or None)
-        stop_at = time.monotonic() + 8
+        # SIGTERM once the server is really under load (21 orders placed), whatever the
+        # machine's speed; the clients go on for 3 s after it, then stop.
+        loaded = asyncio.Event()
+        deadline = time.monotonic() + 60
+        stop_at = deadline
 
         async def client_loop(n: int) -> None:
             async with httpx.AsyncClient(base_url=first.url, timeout=10) as c:
                 i = 0
-                while time.monotonic() < stop_at:
+                while time.monotonic() < min(stop_at, deadline):
                     key, customer = f"load-{n}-{i}", f"cust-load-{n}"
                     body = order_body((sku, 1), email=f"load-{n}-{i}@example.com")
                     try:
                         r = await c.post("/v1/orders", headers={**auth(customer), "Idempotency-Key": key}, json=body)
                         outcomes[key] = (customer, body, r.status_code)
+                        if sum(1 for *_, s in outcomes.values() if s == 201) > 20:
+                            loaded.set()
                     except httpx.HTTPError:
                         outcomes[key] = (customer, body, None)
                         await asyncio.sleep(0.05)
                     i += 1
 
-        def terminate_soon() -> None:
-            time.sleep(2.0)
+        async def terminate_when_loaded() -> None:
+            nonlocal stop_at
+            await asyncio.wait_for(loaded.wait(), timeout=30)
+            await asyncio.sleep(0.5)
             first.signal(signal.SIGTERM)
+            stop_at = time.monotonic() + 3
 
-        threading.Thread(target=terminate_soon, daemon=True).start()
-        await asyncio.gather(*(client_loop(n) for n in range(20)))
+        await asyncio.gather(terminate_when_loaded(), *(client_loop(n) for n in range(20)))
         code = await asyncio.to_thread(first.wait, 30)
     finally:
         first.stop()
