@@ -19,7 +19,7 @@ from orders.api.openapi import add_schemas
 from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
 from orders.errors import install_handlers, internal_error
-from orders.observability import RequestContext, configure_logging
+from orders.observability import RequestContext, configure_logging, pool_gauges
 from orders.resources import open_resources
 from orders.schemas import OrderCreate, ProductIn, StatusChange
 from orders.settings import Settings
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with open_resources(settings) as res:
+        async with open_resources(settings) as res, pool_gauges(res.pool):
             app.state.res = res
             previous = _watch_sigterm(app)
             # What start-up built (modules, routes, schemas, pools) lives as long as the
