@@ -11,6 +11,7 @@ import iso4217
 # the exponent of its amounts. Codes without a minor unit (gold, SDR, XTS, XXX ...)
 # cannot be priced in minor units, so they are not currencies here.
 MINOR_UNITS: dict[str, int] = {c.code: c.exponent for c in iso4217.Currency if c.exponent is not None}
+
 # 100 lines x 1000 units x this price stays far below 2**63.
 MAX_UNIT_PRICE = 10**11
 

@@ -21,6 +21,8 @@ from tests.server import ServerProcess
 pytestmark = pytest.mark.slow
 
 HEALTHZ = {"method": "GET", "route": "/healthz", "status": "200"}
+# Two workers that serve only probes need few connections (PostgreSQL is shared).
+SMALL_POOLS = {"ORDERS_DB_POOL_MIN": "1", "ORDERS_DB_POOL_MAX": "2"}
 
 
 def _sample(text: str, name: str, labels: dict[str, str] | None = None) -> list[float]:
@@ -74,7 +76,8 @@ def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     # TMPDIR: where `orders serve` makes its private metrics directory (then removes it).
-    server = ServerProcess(base_env, tmp_path, ORDERS_DATABASE_URL=isolated_db, ORDERS_WORKERS="2", TMPDIR=str(tmp))
+    server = ServerProcess(base_env, tmp_path, ORDERS_DATABASE_URL=isolated_db, ORDERS_WORKERS="2", TMPDIR=str(tmp),
+                           **SMALL_POOLS)
     with server:
         (directory,) = _wait(lambda: list(tmp.glob("orders-metrics-*")), what="the metrics directory")
         _wait(lambda: len(_live_gauge_pids(directory)) == 2, what="two workers")
@@ -113,7 +116,7 @@ def test_a_given_directory_is_emptied_of_a_previous_run(base_env, isolated_db, t
     )
     assert list(directory.glob("counter_*.db"))
     server = ServerProcess(base_env, tmp_path, ORDERS_DATABASE_URL=isolated_db, ORDERS_WORKERS="2",
-                           PROMETHEUS_MULTIPROC_DIR=str(directory))
+                           PROMETHEUS_MULTIPROC_DIR=str(directory), **SMALL_POOLS)
     with server:
         for _ in range(3):
             assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
