@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,6 +59,13 @@ def _healthz_by_worker(directory: Path) -> dict[int, float]:
     }
 
 
+def _pool_size_in_files(directory: Path) -> float:
+    """orders_db_pool_size over the live workers, read from their files (no scrape)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    return registry.get_sample_value("orders_db_pool_size") or 0.0
+
+
 def _live_gauge_pids(directory: Path) -> set[int]:
     return {int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("gauge_livesum_*.db")}
 
@@ -81,6 +89,8 @@ def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, 
     with server:
         (directory,) = _wait(lambda: list(tmp.glob("orders-metrics-*")), what="the metrics directory")
         _wait(lambda: len(_live_gauge_pids(directory)) == 2, what="two workers")
+        # Each worker samples its own pool (at least one connection each), scraped or not.
+        _wait(lambda: _pool_size_in_files(directory) >= 2, what="both workers' pool gauges")
         before = _healthz_count(_scrape(server.url))
         total = 80
         # A new connection for each request, so that both workers take some.
