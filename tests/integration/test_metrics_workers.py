@@ -66,8 +66,10 @@ def _pool_size_in_files(directory: Path) -> float:
     return registry.get_sample_value("orders_db_pool_size") or 0.0
 
 
-def _live_gauge_pids(directory: Path) -> set[int]:
-    return {int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("gauge_livesum_*.db")}
+def _worker_pids(directory: Path, server: ServerProcess) -> set[int]:
+    """The processes with live gauges, less the supervisor (if it imported the metrics)."""
+    assert server.proc is not None
+    return {int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("gauge_livesum_*.db")} - {server.proc.pid}
 
 
 def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
@@ -88,7 +90,7 @@ def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, 
                            **SMALL_POOLS)
     with server:
         (directory,) = _wait(lambda: list(tmp.glob("orders-metrics-*")), what="the metrics directory")
-        _wait(lambda: len(_live_gauge_pids(directory)) == 2, what="two workers")
+        _wait(lambda: len(_worker_pids(directory, server)) == 2, what="two workers")
         # Each worker samples its own pool (at least one connection each), scraped or not.
         _wait(lambda: _pool_size_in_files(directory) >= 2, what="both workers' pool gauges")
         before = _healthz_count(_scrape(server.url))
@@ -102,9 +104,9 @@ def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, 
             assert _healthz_count(_scrape(server.url)) == before + total
 
         # A worker that dies: its counts stay in the totals, its live gauges leave.
-        victim = min(_live_gauge_pids(directory))
+        victim = min(_worker_pids(directory, server))
         os.kill(victim, signal.SIGKILL)
-        _wait(lambda: victim not in _live_gauge_pids(directory) and len(_live_gauge_pids(directory)) == 2,
+        _wait(lambda: victim not in _worker_pids(directory, server) and len(_worker_pids(directory, server)) == 2,
               what="the dead worker forgotten and replaced")
         texts = [_scrape(server.url) for _ in range(5)]
         assert all(_healthz_count(t) == before + total for t in texts)
