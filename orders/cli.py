@@ -6,12 +6,18 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from socket import socket
 from types import FrameType
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from orders.settings import Settings
 
@@ -59,16 +65,68 @@ def uvicorn_config(settings: Settings, app: object | str = "orders.main:app") ->
     )
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def metrics_dir() -> Iterator[str]:
+    """prometheus_client's multiprocess directory for this server's workers, in the
+    environment they inherit: $PROMETHEUS_MULTIPROC_DIR emptied of a previous run's
+    files, else a private directory under the temp dir (removed at exit)."""
+    given = os.environ.get(MULTIPROC_ENV)
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="orders-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield str(path)
+    finally:
+        if not given:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, which also tells prometheus_client about each worker
+    that is gone (died and replaced, or retired by SIGHUP or SIGTTOU): its live gauges
+    leave /metrics, its counters keep counting in the totals."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], metrics_path: str) -> None:
+        super().__init__(config, sockets)
+        self.metrics_path = metrics_path
+        self.pids: set[int] = set()
+
+    def forget_exited(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        pids = {p.pid for p in self.processes if p.pid is not None}
+        for pid in self.pids - pids:
+            mark_process_dead(pid, self.metrics_path)
+        self.pids = pids
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self.forget_exited()
+
+    def handle_signals(self) -> None:
+        super().handle_signals()
+        self.forget_exited()
+
+
 def serve(settings: Settings) -> int:
     if settings.workers > 1:
-        # Each worker imports orders.main:app, which reads the same environment.
-        from uvicorn.supervisors import Multiprocess
-
-        config = uvicorn_config(settings, "orders.main:app")
-        sock = config.bind_socket()
-        # uvicorn >= 0.50: the supervisor makes its workers (no `target=` any more).
-        Multiprocess(config, sockets=[sock]).run()
+        # Each worker imports orders.main:app, which reads the same environment; the
+        # metrics directory is in it before any worker imports prometheus_client.
+        with metrics_dir() as path:
+            config = uvicorn_config(settings, "orders.main:app")
+            sock = config.bind_socket()
+            # uvicorn >= 0.50: the supervisor makes its workers (no `target=` any more).
+            Supervisor(config, sockets=[sock], metrics_path=path).run()
         return 0
+    # One process: prometheus_client's in-memory metrics, no files (it also reads the
+    # variable's old lower-case name).
+    os.environ.pop(MULTIPROC_ENV, None)
+    os.environ.pop(MULTIPROC_ENV.lower(), None)
     from orders.app import create_app
 
     Server(uvicorn_config(settings, create_app(settings))).run()

@@ -2,21 +2,36 @@
 
 Every log line of a request, and of the background work it starts, carries its
 `request_id` (structlog contextvars; asyncio tasks copy the context they start in).
+
+With several workers (`orders serve`, ORDERS_WORKERS > 1) the metrics are prometheus_client's
+multiprocess files under $PROMETHEUS_MULTIPROC_DIR, which `orders serve` sets before the
+workers start, so that /metrics answers for all of them whichever one takes the scrape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import re
 import sys
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    import asyncpg
+
+# prometheus_client chose its storage from this variable when it was imported; so do we.
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 REQUESTS = Counter("orders_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -26,19 +41,62 @@ LATENCY = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 CACHE_EVENTS = Counter("orders_cache_requests_total", "Cache lookups", ["result"])
-POOL_SIZE = Gauge("orders_db_pool_size", "Connections in the asyncpg pool")
-POOL_IN_USE = Gauge("orders_db_pool_in_use", "Connections of the pool in use")
-NOTIFICATIONS_PENDING = Gauge("orders_notifications_pending", "Outbox rows not yet delivered")
+# Multiprocess modes: each worker has its own pool, so the pool gauges add up over the live
+# workers; the outbox gauges measure the shared database, so the latest reading of a live
+# worker is the answer.
+POOL_SIZE = Gauge("orders_db_pool_size", "Connections in the asyncpg pool", multiprocess_mode="livesum")
+POOL_IN_USE = Gauge("orders_db_pool_in_use", "Connections of the pool in use", multiprocess_mode="livesum")
+NOTIFICATIONS_PENDING = Gauge(
+    "orders_notifications_pending", "Outbox rows not yet delivered", multiprocess_mode="livemostrecent"
+)
 NOTIFICATIONS_SENT = Counter("orders_notifications_sent_total", "Outbox rows delivered", ["kind"])
 NOTIFICATIONS_FAILED = Counter(
     "orders_notifications_failed_total", "Outbox delivery attempts that failed", ["kind", "final"]
 )
-RELAY_LAG = Gauge("orders_relay_lag_seconds", "Age of the oldest due, undelivered outbox row")
+RELAY_LAG = Gauge(
+    "orders_relay_lag_seconds", "Age of the oldest due, undelivered outbox row", multiprocess_mode="livemostrecent"
+)
 HTTP_GUARDED = Counter(
     "orders_http_guarded_total",
     "Requests refused or connections closed by the HTTP guards of `orders serve`",
     ["reason"],
 )
+POOL_SAMPLE_INTERVAL_S = 5.0
+
+
+def set_pool_gauges(pool: asyncpg.Pool) -> None:
+    POOL_SIZE.set(pool.get_size())
+    POOL_IN_USE.set(pool.get_size() - pool.get_idle_size())
+
+
+@asynccontextmanager
+async def pool_gauges(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """Alone, the process sets its pool gauges when it answers /metrics. With several
+    workers a scrape reaches one of them: each refreshes its own every few seconds."""
+    if MULTIPROC_DIR is None:
+        yield
+        return
+
+    async def sample() -> None:
+        while True:
+            set_pool_gauges(pool)
+            await asyncio.sleep(POOL_SAMPLE_INTERVAL_S)
+
+    task = asyncio.get_running_loop().create_task(sample())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def metrics_text() -> bytes:
+    """The Prometheus exposition of this process, or of every worker's files."""
+    if MULTIPROC_DIR is None:
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=MULTIPROC_DIR)
+    return generate_latest(registry)
+
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REDACTED_KEYS = frozenset({"email", "to", "authorization", "token", "password", "jwt"})

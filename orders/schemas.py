@@ -15,10 +15,11 @@ from pydantic import (
     Field,
     StrictInt,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
 )
 
-from orders.domain.money import CURRENCY_RE, MAX_UNIT_PRICE
+from orders.domain.money import MAX_UNIT_PRICE, MINOR_UNITS, is_currency
 from orders.domain.status import OrderStatus
 
 SKU_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -68,7 +69,20 @@ def _ascii_local_part(address: str) -> str:
 
 Email = Annotated[EmailStr, Field(max_length=254), AfterValidator(_ascii_local_part)]
 Sku = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
-Currency = Annotated[str, StringConstraints(pattern=CURRENCY_RE.pattern)]
+
+
+def _currency(value: str) -> str:
+    if not is_currency(value):
+        raise ValueError("must be an ISO 4217 currency code (with a minor unit)")
+    return value
+
+
+# The OpenAPI description lists the codes, so that clients (and the fuzzer) know them.
+Currency = Annotated[
+    str,
+    AfterValidator(_currency),
+    WithJsonSchema({"type": "string", "enum": sorted(MINOR_UNITS), "description": "ISO 4217 code"}),
+]
 
 _STRICT = ConfigDict(extra="forbid", str_strip_whitespace=False)
 

@@ -7,12 +7,12 @@ import asyncio
 import orjson
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from orders.api.openapi import PROBLEM, RETRY_AFTER
 from orders.deps import ProbeRes
 from orders.errors import Unavailable
-from orders.observability import POOL_IN_USE, POOL_SIZE
+from orders.observability import metrics_text, set_pool_gauges
 from orders.resources import Resources
 
 router = APIRouter(tags=["operations"])
@@ -85,6 +85,5 @@ async def _postgres_ok(res: Resources) -> bool:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(res: ProbeRes) -> Response:
-    POOL_SIZE.set(res.pool.get_size())
-    POOL_IN_USE.set(res.pool.get_size() - res.pool.get_idle_size())
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    set_pool_gauges(res.pool)
+    return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)

@@ -1,7 +1,12 @@
-"""OpenAPI pieces shared by the routers: request bodies read by hand, problem answers."""
+"""OpenAPI pieces shared by the routers: request bodies read by hand, problem answers;
+and `python -m orders.api.openapi [PATH]` (`make openapi`), which writes the app's
+description as committed in docs/openapi.json."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -104,3 +109,26 @@ def _drop_default_422(spec: dict[str, Any]) -> None:
         components.pop("HTTPValidationError", None)
         if "#/components/schemas/ValidationError" not in str(components):
             components.pop("ValidationError", None)
+
+
+def document(spec: dict[str, Any]) -> str:
+    """The committed form of the description: sorted keys, two-space indent, a final
+    newline, so that the same app always gives the same bytes and a change a small diff."""
+    return json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    from orders.app import create_app
+    from orders.settings import Settings
+
+    # The description does not depend on the settings: dev ones need no database or secret.
+    text = document(create_app(Settings(_env_file=None, dev=True)).openapi())  # type: ignore[call-arg]
+    if argv:
+        Path(argv[0]).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -23,6 +23,7 @@ from typing import Any
 import aiosmtplib
 import email_validator
 
+from orders.domain.money import format_money
 from orders.settings import Settings
 
 SUBJECTS = {
@@ -43,24 +44,6 @@ def _template(name: str) -> Template:
 
 _TEXT = {event: _template(f"order.{event}.txt") for event in SUBJECTS}
 _HTML = _template("layout.html")
-
-
-# ISO 4217 currencies whose minor unit is not 1/100 (docs/API.md: amounts are integers in
-# the currency's minor unit); every other code has two decimals.
-MINOR_UNIT_DIGITS = {
-    **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG"), 0),
-    **dict.fromkeys(("RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF"), 0),
-    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
-    **dict.fromkeys(("CLF", "UYW"), 4),
-}
-
-
-def money(amount: int, currency: str) -> str:
-    digits = MINOR_UNIT_DIGITS.get(currency, 2)
-    if digits == 0:
-        return f"{amount} {currency}"
-    units, minor = divmod(amount, 10**digits)
-    return f"{units}.{minor:0{digits}d} {currency}"
 
 
 def ascii_address(address: str) -> str:
@@ -90,11 +73,11 @@ def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
     order, event = payload["order"], payload["event"]
     currency = order["currency"]
     lines = "\n".join(
-        f"  {i['quantity']} x {i['name']} ({i['sku']}) @ {money(i['unit_price'], currency)}"
-        f" = {money(i['line_total'], currency)}"
+        f"  {i['quantity']} x {i['name']} ({i['sku']}) @ {format_money(i['unit_price'], currency)}"
+        f" = {format_money(i['line_total'], currency)}"
         for i in order["items"]
     )
-    total = money(order["total"], currency)
+    total = format_money(order["total"], currency)
     values = {
         "name": order["shipping_address"].get("name", ""),
         "order_id": order["id"],
@@ -103,7 +86,7 @@ def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
     }
     rows = "\n".join(
         f"<tr><td>{i['quantity']} &times; {html.escape(i['name'])}</td>"
-        f"<td>{html.escape(i['sku'])}</td><td>{money(i['line_total'], currency)}</td></tr>"
+        f"<td>{html.escape(i['sku'])}</td><td>{format_money(i['line_total'], currency)}</td></tr>"
         for i in order["items"]
     )
     to = ascii_address(payload["to"])

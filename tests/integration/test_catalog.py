@@ -51,6 +51,25 @@ async def test_put_validation(client, body):
     assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 3
 
 
+@pytest.mark.parametrize("currency", ["XYZ", "ABC", "XXX", "XTS", "XAU"])
+async def test_put_refuses_a_code_that_is_not_an_iso_4217_currency(client, currency):
+    """Three capital letters are not enough: the code must be in ISO 4217 and have a
+    minor unit (XXX, XTS and gold have none)."""
+    sku = await make_product(client, stock=3)
+    r = await client.put(f"/v1/products/{sku}", headers=ADMIN,
+                         json={"name": "x", "unit_price": 1, "currency": currency, "stock": 1})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("/validation-error")
+    assert [e["field"] for e in r.json()["errors"]] == ["currency"]
+    assert (await client.get(f"/v1/products/{sku}")).json()["currency"] == "USD"
+
+
+@pytest.mark.parametrize("currency", ["JPY", "KWD", "CLF", "CHF"])
+async def test_put_accepts_iso_4217_currencies_of_any_minor_unit(client, currency):
+    sku = await make_product(client, currency=currency)
+    assert (await client.get(f"/v1/products/{sku}")).json()["currency"] == currency
+
+
 async def test_list_pages_by_sku_without_gaps(client):
     skus = sorted([await make_product(client) for _ in range(5)])
     seen: list[str] = []

@@ -1,4 +1,4 @@
-"""Pure rules: settings guards, If-Match, email rendering, money formatting."""
+"""Pure rules: settings guards, If-Match, email rendering, currencies and money formatting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import email.policy
 import pytest
 from pydantic import ValidationError
 
-from orders.notify.email import money, render
+from orders.domain.money import MINOR_UNITS, format_money, is_currency
+from orders.notify.email import render
 from orders.notify.outbox import email_row, message_id
 from orders.service import _if_match_ok, request_fingerprint
 from orders.settings import Settings, check_secret
@@ -80,10 +81,21 @@ def test_request_fingerprint_ignores_key_order_not_values():
 
 
 def test_money_formatting():
-    assert money(2598, "USD") == "25.98 USD" and money(5, "EUR") == "0.05 EUR"
+    assert format_money(2598, "USD") == "25.98 USD" and format_money(5, "EUR") == "0.05 EUR"
     # The minor unit is the currency's (ISO 4217): yen have none, dinars three decimals.
-    assert money(0, "JPY") == "0 JPY" and money(1299, "JPY") == "1299 JPY"
-    assert money(1299, "KWD") == "1.299 KWD" and money(5, "BHD") == "0.005 BHD"
+    assert format_money(0, "JPY") == "0 JPY" and format_money(1299, "JPY") == "1299 JPY"
+    assert format_money(1299, "KWD") == "1.299 KWD" and format_money(5, "BHD") == "0.005 BHD"
+    assert format_money(12345, "CLF") == "1.2345 CLF"
+
+
+def test_currencies_are_the_iso_4217_list():
+    for code in ("USD", "EUR", "GBP", "JPY", "CHF", "KWD", "CLF", "UYW", "XOF"):
+        assert is_currency(code), code
+    # Three capital letters are not a currency; nor are codes without a minor unit
+    # (no currency, testing, gold, SDR), nor lower case.
+    for code in ("XYZ", "ABC", "XXX", "XTS", "XAU", "XDR", "usd", "US", "USDD", ""):
+        assert not is_currency(code), code
+    assert len(MINOR_UNITS) > 150 and set(MINOR_UNITS.values()) == {0, 2, 3, 4}
 
 
 def test_email_rendering_escapes_html_and_carries_the_message_id():
