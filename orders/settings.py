@@ -7,10 +7,11 @@ unless `dev=True`, which only `orders dev` and the test suite set.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import Field, PostgresDsn, RedisDsn, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MIN_SECRET_BYTES = 32
 MIN_SECRET_DISTINCT_CHARS = 12
@@ -94,7 +95,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
 
+    # Lifts the refusals below. Code sets it (`orders dev`, the tests); the environment cannot.
     dev: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _without(env_settings, "dev"), _without(dotenv_settings, "dev"), file_secret_settings)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -116,3 +129,13 @@ class Settings(BaseSettings):
         if self.database_url is None:
             raise RuntimeError("no database configured")
         return str(self.database_url)
+
+
+def _without(source: PydanticBaseSettingsSource, name: str) -> Callable[[], dict[str, Any]]:
+    """`source` less the field `name`."""
+
+    def read() -> dict[str, Any]:
+        return {k: v for k, v in source().items() if k != name}
+
+    read.__name__ = type(source).__name__
+    return read

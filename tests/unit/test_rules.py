@@ -116,3 +116,13 @@ def test_email_rendering_escapes_html_and_carries_the_message_id():
     assert order["id"] in text and "25.98 USD" in text and "Hello Ada" in text
     html = msg.get_body(("html",)).get_content()
     assert "&lt;b&gt;Mug&lt;/b&gt;" in html and "<b>Mug</b>" not in html
+
+
+def test_the_environment_cannot_lift_the_refusals(monkeypatch):
+    """ORDERS_DEV in the environment (or .env) is ignored: only code may set dev."""
+    monkeypatch.setenv("ORDERS_DEV", "true")
+    monkeypatch.delenv("ORDERS_DATABASE_URL", raising=False)
+    monkeypatch.delenv("ORDERS_JWT_SECRET", raising=False)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    assert Settings(_env_file=None, dev=True).dev
