@@ -9,6 +9,7 @@
 #     higher and runc then fails with "error setting rlimit ... operation not permitted");
 #   - image format "docker": the OCI format has no HEALTHCHECK and buildah drops it.
 
+# shellcheck disable=SC2034 # PODMAN_LIMITS, LOCAL_BASE: for the scripts that source this file
 PODMAN=(podman --runtime runc)
 _nofile=$(ulimit -Hn)
 [[ $_nofile == unlimited || $_nofile -gt 65536 ]] && _nofile=65536
