@@ -10,9 +10,10 @@
     check.py order URL SKU MAILDIR         PUT a product (admin), place one order, read it
                                            back, and wait for its email in the SMTP sink
     check.py stop-under-load URL SKU DSN STOP-COMMAND...
-                                           GETs and POSTs from several clients, one POST
-                                           whose body is still arriving, then STOP-COMMAND
-                                           (podman stop) while all of it is in flight
+                                           GETs and POSTs from several clients, one POST held
+                                           inside the server (its stock update waits on a row
+                                           lock), then STOP-COMMAND (podman stop) while all of
+                                           it is in flight
 
 Tokens are minted with $ORDERS_JWT_SECRET, the secret the container was given. Each
 command prints what it saw and exits non-zero on any broken promise.
@@ -198,7 +199,8 @@ async def stop_under_load(url: str, sku: str, dsn: str, stop_command: list[str],
     done = asyncio.Event()  # the stop command has returned
     stop_sent = asyncio.Event()
     refused = asyncio.Event()  # a new connection was refused after the stop: the listener is closed
-    slow_started = asyncio.Event()  # the slow POST has sent its head and half its body
+    held = asyncio.Event()  # the held POST waits on its row lock inside the server
+    released: list[float] = []  # when the lock was released
     warm = asyncio.Event()  # 200 requests answered
     results: list[tuple[str, float, float, int | str]] = []  # (what, start, end, status or error)
     created: list[str] = []
@@ -233,36 +235,58 @@ async def stop_under_load(url: str, sku: str, dsn: str, stop_command: list[str],
                     await asyncio.sleep(0.05)
                 i += 1
 
-    async def slow_post() -> int | str:
-        """A POST whose body is half sent when the stop begins, and completed only once
-        the server has closed its listening socket: a request in flight through SIGTERM."""
-        host, port = httpx.URL(url).host, httpx.URL(url).port
-        body = httpx.Request("POST", url, json=order_body(sku, "ci-slow@example.com")).content
-        head = (
-            f"POST /v1/orders HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nIdempotency-Key: {uuid.uuid4().hex}\r\n"
-            f"Authorization: Bearer {token('ci-slow')}\r\n\r\n"
-        ).encode()
-        reader, writer = await asyncio.open_connection(host, port)
+    async def held_post() -> int | str:
+        """A POST under way through SIGTERM: its stock update waits on a row lock that this
+        checker holds until the server has closed its listening socket, then it must end
+        in 201 like any request the server had started."""
+        held_sku = f"{sku}-HELD"  # its own product: the other clients never wait on the lock
+        lock = await asyncpg.connect(dsn, timeout=10)
         try:
-            writer.write(head + body[: len(body) // 2])
-            await writer.drain()
-            slow_started.set()
-            await asyncio.wait_for(refused.wait(), timeout=20)
-            writer.write(body[len(body) // 2 :])
-            await writer.drain()
-            status_line = await asyncio.wait_for(reader.readline(), timeout=30)
-            return int(status_line.split()[1]) if status_line else "closed without a response"
-        except (TimeoutError, OSError) as exc:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                r = await c.put(
+                    f"/v1/products/{held_sku}",
+                    headers=auth("ci-admin", admin=True),
+                    json={"name": "CI held mug", "unit_price": 1299, "currency": "USD", "stock": 10},
+                )
+                if r.status_code not in (200, 201):
+                    return f"PUT {held_sku}: {r.status_code}"
+                async with lock.transaction():
+                    await lock.execute("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE", held_sku)
+                    post = asyncio.create_task(
+                        c.post(
+                            "/v1/orders",
+                            headers={**auth("ci-held"), "Idempotency-Key": uuid.uuid4().hex},
+                            json=order_body(held_sku, "ci-held@example.com"),
+                        )
+                    )
+                    waiting_sql = (
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                    )
+                    for _ in range(100):
+                        if await lock.fetchval(waiting_sql) or post.done():
+                            break
+                        await asyncio.sleep(0.05)
+                    if post.done():
+                        return f"answered before the stop: {post.result().status_code}"
+                    held.set()
+                    await asyncio.wait_for(refused.wait(), timeout=20)
+                    released.append(time.monotonic())
+                r = await post  # the lock is released: the order goes through
+                if r.status_code == 201:
+                    created.append(r.json()["id"])
+                return r.status_code
+        except (TimeoutError, httpx.HTTPError) as exc:
             return type(exc).__name__
         finally:
-            writer.close()
+            held.set()
+            await lock.close()
 
     loops = [asyncio.create_task(client_loop(n)) for n in range(clients)]
     with contextlib.suppress(TimeoutError):  # every client on its keep-alive connection
         await asyncio.wait_for(warm.wait(), timeout=30)
-    slow = asyncio.create_task(slow_post())
-    await slow_started.wait()
+    held_task = asyncio.create_task(held_post())
+    await held.wait()
     t_stop = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*stop_command, stdout=asyncio.subprocess.DEVNULL)
     stop_sent.set()
@@ -270,7 +294,7 @@ async def stop_under_load(url: str, sku: str, dsn: str, stop_command: list[str],
     stop_s = time.monotonic() - t_stop
     done.set()
     await asyncio.gather(*loops)
-    slow_status = await slow
+    held_status = await held_task
 
     statuses = Counter(s for *_, s in results)
     during = Counter(s for _, start, end, s in results if end > t_stop)
@@ -278,7 +302,8 @@ async def stop_under_load(url: str, sku: str, dsn: str, stop_command: list[str],
     print(f"stop command {' '.join(stop_command)!r}: exit {stop_rc} after {stop_s:.1f} s")
     print(f"requests: {len(results)} in all: {dict(statuses)}")
     print(f"  finished after the stop began: {dict(during)}; in flight at that moment and answered: {in_flight}")
-    print(f"  slow POST (body completed after the listener closed): {slow_status}")
+    held_for = f" (lock released {released[0] - t_stop:.1f} s after the stop began)" if released else ""
+    print(f"  POST held inside the server through SIGTERM: {held_status}{held_for}")
 
     problems = []
     if stop_rc != 0:
@@ -291,8 +316,8 @@ async def stop_under_load(url: str, sku: str, dsn: str, stop_command: list[str],
         problems.append(f"4xx answers: {client_errors}")
     if not refused.is_set():
         problems.append("no new connection was refused after the stop: the server never stopped listening")
-    if slow_status != 201:
-        problems.append(f"the POST in flight through SIGTERM got {slow_status}, not 201")
+    if held_status != 201:
+        problems.append(f"the POST under way through SIGTERM got {held_status}, not 201")
 
     # Nothing accepted is lost: every 201 is a committed order.
     conn = await asyncpg.connect(dsn, timeout=10)
