@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fmt validate-deploy ci clean load bench openapi
+.PHONY: install run test lint fmt validate-deploy image ci clean load bench openapi
 
 install: $(STAMP)
 
@@ -54,6 +54,15 @@ fmt: install
 
 validate-deploy:
 	bash .ci/validate-deploy
+
+## The container image (infra/image/build): podman when installed, else docker.
+## BASE_IMAGE=local: a Debian bookworm base made here with mmdebstrap, for machines with
+## no container registry; empty: the Dockerfile's python:3.11-slim-bookworm.
+## `bash .ci/image` builds it that way and runs it the way production does.
+IMAGE      ?= orders:latest
+BASE_IMAGE ?=
+image:
+	IMAGE='$(IMAGE)' BASE_IMAGE='$(BASE_IMAGE)' bash infra/image/build
 
 ci: lint test validate-deploy
 
