@@ -7,38 +7,53 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 
-from orders.devservers import free_port
+from orders.dev.process import free_port
 from tests.conftest import listening
 
 pytestmark = pytest.mark.slow
 
 
-
-def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
-    http_port, pg_port, redis_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    env.update(ORDERS_DEV_DIR=str(tmp_path / ".dev"), ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port))
-    log = (tmp_path / "dev.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orders", "dev", "--port", str(http_port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+@contextmanager
+def orders_dev(tmp_path: Path, http_port: int, host: str = "127.0.0.1", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`orders dev --port http_port` with only the given ORDERS_* variables, until /readyz on
+    host answers 200; killed on the way out if the test did not stop it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    log_path = tmp_path / "dev.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orders", "dev", "--port", str(http_port)],
+                                env={**clean, "ORDERS_DEV_DIR": str(tmp_path / ".dev"), **env},
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 90
         ready = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                ready = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1)
+                ready = httpx.get(f"http://{host}:{http_port}/readyz", timeout=1)
                 if ready.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        output = (tmp_path / "dev.log").read_text()
-        assert ready is not None and ready.status_code == 200, output[-3000:]
+        assert ready is not None and ready.status_code == 200, log_path.read_text()[-3000:]
         assert ready.json() == {"status": "ready", "postgres": "ok", "redis": "ok"}
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
+    http_port, pg_port, redis_port = free_port(), free_port(), free_port()
+    with orders_dev(tmp_path, http_port, ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port)) as proc:
+        output = (tmp_path / "dev.log").read_text()
         catalog = httpx.get(f"http://127.0.0.1:{http_port}/v1/products?limit=100").json()
         assert {"MUG-001", "TSHIRT-M", "TOTE-BAG"} <= {p["sku"] for p in catalog["items"]}
         assert "customer token" in output and "admin token" in output
@@ -53,7 +68,3 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
         proc.wait(timeout=60)
         assert not listening(http_port) and not listening(pg_port) and not listening(redis_port)
         assert "Traceback" not in (tmp_path / "dev.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from orders.devservers import SmtpSink, free_port
+from orders.dev.process import free_port
+from orders.dev.smtp import SmtpSink
 from tests.conftest import ADMIN, auth, make_product, place, running_app, wait_for
 
 
