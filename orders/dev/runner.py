@@ -1,7 +1,7 @@
 """`orders dev` (what `make run` calls): the service with embedded PostgreSQL, Redis and an
 SMTP sink under `.dev/` (unless ORDERS_DATABASE_URL / ORDERS_REDIS_URL / ORDERS_SMTP_HOST
-name other servers), migrated, with a demo catalog; it prints a demo customer token and an
-admin token. Ctrl-C stops all of it.
+name other servers), migrated, with a demo catalog, on 127.0.0.1 unless ORDERS_HOST says
+otherwise; it prints a demo customer token and an admin token. Ctrl-C stops all of it.
 
 ORDERS_DEV_DIR (default `.dev`), ORDERS_DEV_PG_PORT (55432) and ORDERS_DEV_REDIS_PORT
 (56379) move the embedded servers.
@@ -33,6 +33,9 @@ DEMO_CATALOG = [
     ("POSTER-A2", "Poster A2", 1800, "USD", 25),
     ("TOTE-BAG", "Tote bag", 1500, "EUR", 40),
 ]
+# What the service binds when ORDERS_HOST is not set: it prints working tokens, so
+# it is reachable from this machine only unless asked otherwise.
+DEV_HOST = "127.0.0.1"
 
 
 async def seed(dsn: str) -> None:
@@ -73,6 +76,8 @@ def run(port: int) -> int:
         os.environ.setdefault("ORDERS_LOG_FORMAT", "console")
         os.environ.setdefault("ORDERS_PORT", str(port))
         settings = Settings(dev=True)  # type: ignore[call-arg]
+        if "host" not in settings.model_fields_set:  # neither the environment nor .env names one
+            settings.host = DEV_HOST
         asyncio.run(migrate(settings.dsn))
         asyncio.run(seed(settings.dsn))
         api_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host) or (

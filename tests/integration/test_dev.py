@@ -1,4 +1,5 @@
-"""`orders dev` (what `make run` calls) on a machine where no ORDERS_* variable is set."""
+"""`orders dev` (what `make run` calls): on a machine where no ORDERS_* variable is set, and
+with the servers and the address named by ORDERS_* variables."""
 
 from __future__ import annotations
 
@@ -64,7 +65,29 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
                              "shipping_address": {"name": "A", "line1": "1 St", "city": "X", "postal_code": "1", "country": "US"}})
         assert r.status_code == 201, r.text
         assert listening(pg_port) and listening(redis_port)
+        # It prints working tokens: loopback only (a wildcard bind would answer on 127.0.0.2 too).
+        assert not listening(http_port, "127.0.0.2")
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)
         assert not listening(http_port) and not listening(pg_port) and not listening(redis_port)
         assert "Traceback" not in (tmp_path / "dev.log").read_text()
+
+
+def test_orders_dev_uses_the_servers_and_the_address_it_is_given(tmp_path, isolated_db, redis_url, smtp, cache_prefix):
+    http_port = free_port()
+    given = {
+        "ORDERS_HOST": "127.0.0.2",
+        "ORDERS_DATABASE_URL": isolated_db,
+        "ORDERS_REDIS_URL": redis_url,
+        "ORDERS_CACHE_PREFIX": cache_prefix + "dev:",
+        "ORDERS_SMTP_HOST": smtp.host,
+        "ORDERS_SMTP_PORT": str(smtp.port),
+    }
+    with orders_dev(tmp_path, http_port, host="127.0.0.2", **given) as proc:
+        catalog = httpx.get(f"http://127.0.0.2:{http_port}/v1/products?limit=100").json()
+        assert "MUG-001" in {p["sku"] for p in catalog["items"]}  # seeded into the given database
+        assert not listening(http_port, "127.0.0.1")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert not (tmp_path / ".dev" / "pg").exists() and not (tmp_path / ".dev" / "redis").exists()
+    assert not (tmp_path / ".dev" / "mail").exists()
