@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fmt validate-deploy image ci clean load bench openapi
+.PHONY: install run test lint fmt validate-deploy image check-wheels newer-python ci clean load bench openapi
 
 install: $(STAMP)
 
@@ -64,7 +64,15 @@ BASE_IMAGE ?=
 image:
 	IMAGE='$(IMAGE)' BASE_IMAGE='$(BASE_IMAGE)' bash infra/image/build
 
-ci: lint test validate-deploy
+## Every dependency of .[dev] installs from wheels on CPython 3.11-3.14, Linux x86_64/aarch64 and macOS.
+check-wheels: install
+	$(BIN)/python .ci/check-wheels
+
+## make install and a smoke test of make run on Debian 13's Python 3.13 (root: chroot, namespaces).
+newer-python:
+	bash .ci/newer-python
+
+ci: lint test check-wheels newer-python validate-deploy
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .ruff_cache *.egg-info

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -20,15 +19,6 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from orders.settings import Settings
-
-DEMO_CATALOG = [
-    ("MUG-001", "Mug", 1299, "USD", 100),
-    ("TSHIRT-M", "T-shirt, M", 2500, "USD", 50),
-    ("TSHIRT-L", "T-shirt, L", 2500, "USD", 50),
-    ("STICKER-PACK", "Sticker pack", 499, "USD", 1000),
-    ("POSTER-A2", "Poster A2", 1800, "USD", 25),
-    ("TOTE-BAG", "Tote bag", 1500, "EUR", 40),
-]
 
 
 class Server(uvicorn.Server):
@@ -141,78 +131,18 @@ def migrate(settings: Settings) -> int:
     return 0
 
 
-async def _seed(dsn: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await conn.executemany(
-            "INSERT INTO products (sku, name, unit_price, currency, stock) VALUES ($1, $2, $3, $4, $5) "
-            "ON CONFLICT (sku) DO NOTHING",
-            DEMO_CATALOG,
-        )
-    finally:
-        await conn.close()
-
-
 def dev(port: int) -> int:
-    """Embedded PostgreSQL, Redis and SMTP sink under .dev/ unless ORDERS_* point elsewhere."""
-    from orders.auth import mint
-    from orders.db.migrate import migrate as run_migrations
-    from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink, free_port
-
-    root = Path(os.environ.get("ORDERS_DEV_DIR", ".dev")).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    stack: list[EmbeddedPostgres | EmbeddedRedis | SmtpSink] = []
+    """`orders dev`: in a checkout with the dev extra installed (orders.dev is not in the wheel)."""
     try:
-        if not os.environ.get("ORDERS_DATABASE_URL"):
-            pg = EmbeddedPostgres(root, port=int(os.environ.get("ORDERS_DEV_PG_PORT", "55432")))
-            os.environ["ORDERS_DATABASE_URL"] = pg.start()
-            stack.append(pg)
-        if not os.environ.get("ORDERS_REDIS_URL"):
-            redis = EmbeddedRedis(root, port=int(os.environ.get("ORDERS_DEV_REDIS_PORT", "56379")))
-            os.environ["ORDERS_REDIS_URL"] = redis.start()
-            stack.append(redis)
-        if not os.environ.get("ORDERS_SMTP_HOST"):
-            sink = SmtpSink(root, port=1025 if _port_free(1025) else free_port())
-            host, smtp_port = sink.start()
-            os.environ["ORDERS_SMTP_HOST"], os.environ["ORDERS_SMTP_PORT"] = host, str(smtp_port)
-            stack.append(sink)
-        secret_file = root / "jwt_secret"
-        if not secret_file.exists():
-            secret_file.write_text(secrets.token_urlsafe(48))
-            secret_file.chmod(0o600)
-        os.environ.setdefault("ORDERS_JWT_SECRET", secret_file.read_text().strip())
-        os.environ.setdefault("ORDERS_LOG_FORMAT", "console")
-        os.environ.setdefault("ORDERS_PORT", str(port))
-        settings = Settings(dev=True)  # type: ignore[call-arg]
-        asyncio.run(run_migrations(settings.dsn))
-        asyncio.run(_seed(settings.dsn))
-        print("\norders dev: embedded servers under", root)
-        print(f"  PostgreSQL {settings.dsn}\n  Redis      {settings.redis_url}")
-        print(f"  SMTP sink  {settings.smtp_host}:{settings.smtp_port} (mail saved in {root / 'mail'})")
-        print(f"  API        http://127.0.0.1:{settings.port}/docs")
-        print(f"\n  customer token (sub=demo-customer):\n    {mint(settings, 'demo-customer', ttl_s=86400)}")
-        print(f"  admin token (sub=demo-admin):\n    {mint(settings, 'demo-admin', roles=['admin'], ttl_s=86400)}\n")
-        settings.migrate_on_start = False
-        os.environ["ORDERS_MIGRATE_ON_START"] = "false"
-        return serve(settings)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for server in reversed(stack):
-            server.stop()
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+        from orders.dev.runner import run
+    except ModuleNotFoundError as exc:
+        print(
+            f"orders dev: the dev tooling is not installed ({exc.name} is missing): "
+            "run `make run` in a checkout of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    return run(port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,9 @@ from asgi_lifespan import LifespanManager
 from orders.app import create_app
 from orders.auth import mint
 from orders.db.pool import init_connection
-from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink
+from orders.dev.postgres import EmbeddedPostgres
+from orders.dev.redis import EmbeddedRedis
+from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
 
 JWT_SECRET = "test-only-jwt-secret-0123456789-abcdefghij"

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
-from orders.devservers import free_port
+from orders.dev.process import free_port
 
 
 class ServerProcess:

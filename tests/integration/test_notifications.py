@@ -12,7 +12,8 @@ import asyncpg
 import httpx
 import pytest
 
-from orders.devservers import SmtpSink, free_port
+from orders.dev.process import free_port
+from orders.dev.smtp import SmtpSink
 from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, wait_for
 from tests.server import ServerProcess
 

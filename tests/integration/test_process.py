@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orders.devservers import SmtpSink
+from orders.dev.smtp import SmtpSink
 from tests.conftest import ADMIN, auth, order_body, wait_for
 from tests.server import HangingSmtp, ServerProcess
 

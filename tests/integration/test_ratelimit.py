@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orders.devservers import EmbeddedRedis
+from orders.dev.redis import EmbeddedRedis
 from tests.conftest import auth, make_product, new_key, order_body, place, running_app
 
 pytestmark = pytest.mark.timeout(90)

@@ -1,7 +1,7 @@
 """PostgreSQL down, restarting, or dying mid-transaction: 503 `unavailable` with
 Retry-After in bounded time (never a hang, never a 500), and recovery without a restart.
 
-The outage tests run against a PRIVATE PostgreSQL (orders.devservers.EmbeddedPostgres in
+The outage tests run against a PRIVATE PostgreSQL (orders.dev.postgres.EmbeddedPostgres in
 a tmp dir) so that stopping it disturbs nobody else.
 """
 
@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from orders import service
-from orders.devservers import EmbeddedPostgres, free_port
+from orders.dev.postgres import EmbeddedPostgres
+from orders.dev.process import free_port
 from tests.conftest import ADMIN, auth, make_product, new_key, order_body, place, running_app, wait_for
 
 pytestmark = pytest.mark.timeout(150)

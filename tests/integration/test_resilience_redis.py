@@ -1,6 +1,6 @@
 """Redis trouble never fails or stalls a request, and never leaves stale entries behind.
 
-Fault tests run against a PRIVATE Redis (orders.devservers.EmbeddedRedis in a tmp dir)
+Fault tests run against a PRIVATE Redis (orders.dev.redis.EmbeddedRedis in a tmp dir)
 so that pausing or killing it disturbs nobody else, and a database of their own: the
 invalidations recorded during the outage must be replayed into THEIR Redis, not consumed
 by the relay of the session's app (which shares a Redis with its replicas, as in
@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from orders import service
 from orders.cache import Cache, CircuitBreaker, order_key, product_key
-from orders.devservers import EmbeddedRedis
+from orders.dev.redis import EmbeddedRedis
 from tests.conftest import auth, make_product, place, running_app, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -252,7 +252,7 @@ async def test_killed_redis_fails_open_and_is_used_again_after_restart(make_sett
 
 
 async def test_app_starts_and_serves_with_redis_unreachable(make_settings, tmp_path):
-    from orders.devservers import free_port
+    from orders.dev.process import free_port
 
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", cache_prefix=_prefix())
     async with running_app(settings) as client:
