@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from orders.db.pool import connection
-from orders.devservers import free_port
+from orders.dev.process import free_port
 from orders.errors import Unavailable
 from orders.observability import configure_logging, unavailable_log
 from tests.conftest import auth
