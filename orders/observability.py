@@ -56,6 +56,12 @@ NOTIFICATIONS_FAILED = Counter(
 RELAY_LAG = Gauge(
     "orders_relay_lag_seconds", "Age of the oldest due, undelivered outbox row", multiprocess_mode="livemostrecent"
 )
+# From 0 in every process: increase() misses the first failure of a series that appears at 1,
+# and the OrdersNotificationsFailed alert (k8s/monitoring/prometheusrule.yaml) counts each one.
+for _kind in ("email", "audit"):
+    NOTIFICATIONS_SENT.labels(_kind)
+    for _final in ("true", "false"):
+        NOTIFICATIONS_FAILED.labels(_kind, _final)
 HTTP_GUARDED = Counter(
     "orders_http_guarded_total",
     "Requests refused or connections closed by the HTTP guards of `orders serve`",
@@ -108,6 +114,17 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _colors(stream: Any) -> bool:
+    """Colour the console lines where they go to a terminal (every line, ours and uvicorn's, is
+    written to stdout); NO_COLOR and FORCE_COLOR (no-color.org, force-color.org) override."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """structlog for our lines, stdlib (uvicorn, asyncio) rendered by the same chain."""
     shared: list[Any] = [
@@ -117,7 +134,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         _redact,
     ]
     if fmt == "console":
-        renderer: Any = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=_colors(sys.stdout))
     else:
         renderer = structlog.processors.JSONRenderer(serializer=lambda o, **_: orjson.dumps(o, default=str).decode())
     numeric = logging.getLevelName(level.upper())

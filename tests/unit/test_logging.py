@@ -53,3 +53,51 @@ def test_every_log_line_is_one_write_of_one_json_object(monkeypatch, restore_log
         assert w.endswith("\n") and w.count("\n") == 1, writes
         orjson.loads(w)
     assert [orjson.loads(w)["event"] for w in writes] == ["from_structlog", "from the stdlib"]
+
+
+class _Terminal(_Writes):
+    def isatty(self) -> bool:
+        return True
+
+
+ANSI = "\x1b["
+
+
+def _console_line(stdout: _Writes, stderr_is_tty: bool) -> str:
+    """A uvicorn line in console format, with stdout and the terminal-ness of stderr given."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = stdout, (_Terminal() if stderr_is_tty else _Writes())
+    try:
+        configure_logging("console", "info")
+        logging.getLogger("uvicorn.error").info("Uvicorn running")
+    finally:
+        sys.stdout, sys.stderr = saved
+    return "".join(stdout.writes)
+
+
+def test_console_lines_are_coloured_on_a_terminal_uvicorns_too(monkeypatch, restore_logging):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    # stderr is not a terminal here (pytest captures it): the lines go to stdout, which is.
+    line = _console_line(_Terminal(), stderr_is_tty=False)
+    assert ANSI in line and "Uvicorn running" in line and "uvicorn.error" in line, line
+
+
+def test_console_lines_are_plain_in_a_pipe_or_with_no_color(monkeypatch, restore_logging):
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    # `make run | tee log`: stdout is a pipe while stderr is still the terminal.
+    piped = _console_line(_Writes(), stderr_is_tty=True)
+    assert ANSI not in piped and "Uvicorn running" in piped, piped
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert ANSI not in _console_line(_Terminal(), stderr_is_tty=True)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR")
+    assert ANSI in _console_line(_Writes(), stderr_is_tty=False)
+
+
+def test_json_is_the_default_outside_orders_dev():
+    from orders.settings import Settings
+
+    assert Settings.model_fields["log_format"].default == "json"
+    assert configure_logging.__defaults__ == ("json", "info")
