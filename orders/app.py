@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orders.api import docs, health, orders, products
 from orders.api.openapi import add_schemas
+from orders.api.problems import install_handlers, internal_error
 from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
-from orders.errors import install_handlers, internal_error
 from orders.observability import RequestContext, configure_logging, pool_gauges
 from orders.resources import open_resources
 from orders.schemas import OrderCreate, ProductIn, StatusChange

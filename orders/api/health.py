@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orders.api.openapi import PROBLEM, RETRY_AFTER
+from orders.api.problems import error_response
 from orders.deps import ProbeRes
 from orders.errors import Unavailable
 from orders.observability import metrics_text, set_pool_gauges
@@ -56,7 +57,7 @@ async def readyz(res: ProbeRes) -> Response:
         redis = "ok" if await res.cache.ping() else "down"
     if res.draining.is_set() or postgres != "ok":
         detail = "draining" if res.draining.is_set() else "PostgreSQL is unreachable"
-        return Unavailable(detail, retry_after=5, postgres=postgres, redis=redis).response()
+        return error_response(Unavailable(detail, retry_after=5, postgres=postgres, redis=redis))
     body_ok = {"status": "ready", "postgres": postgres, "redis": redis}
     return Response(orjson.dumps(body_ok), media_type="application/json")
 
