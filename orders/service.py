@@ -20,7 +20,7 @@ from orders.db import idempotency, orders, products
 from orders.db.pool import connection, read
 from orders.documents import order_doc, product_doc, rfc3339
 from orders.domain.cursor import encode_order_cursor, encode_sku_cursor
-from orders.domain.money import PricedLine, order_totals
+from orders.domain.pricing import CatalogEntry, price_order
 from orders.domain.status import NOTIFYING, OrderStatus, can_transition, event_type
 from orders.errors import (
     IdempotencyInProgress,
@@ -31,7 +31,6 @@ from orders.errors import (
     PreconditionFailed,
     TooManyPendingOrders,
     Unavailable,
-    UnknownSku,
     ValidationFailed,
 )
 from orders.notify.outbox import audit_row, email_row
@@ -155,24 +154,13 @@ async def _place(
     if max_pending and (claim["pending"] or 0) >= max_pending:
         raise _too_many_pending(max_pending)
     catalog = {
-        sku: (name, price, stock)
+        sku: CatalogEntry(name, price, stock)
         for sku, name, price, stock in zip(
             claim["skus"] or [], claim["names"] or [], claim["unit_prices"] or [], claim["stocks"] or [], strict=True
         )
     }
-    # Decided on the snapshot when it already says no (stock only grows by a cancel).
-    short = sorted(line.sku for line in lines if line.sku in catalog and catalog[line.sku][2] < line.quantity)
-    if short:
-        raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=short)
-    unknown = sorted(line.sku for line in lines if line.sku not in catalog)
-    if unknown:
-        raise UnknownSku("some SKUs are not in the catalog", skus=unknown)
-    currency: str = claim["currency"]
-    priced = [
-        PricedLine(line.sku, catalog[line.sku][0], line.quantity, catalog[line.sku][1], currency)
-        for line in req.items  # the client's order of lines
-    ]
-    totals = order_totals(priced)
+    priced = price_order(catalog, claim["currency"], req.items)  # the client's order of lines
+    totals = priced.totals
     now = claim["now"]  # the transaction's timestamp
     order = order_doc(
         {
@@ -196,7 +184,7 @@ async def _place(
                 "unit_price": p.unit_price,
                 "line_total": p.line_total,
             }
-            for p in priced
+            for p in priced.lines
         ],
     )
     body = orjson.dumps(order)
@@ -214,7 +202,7 @@ async def _place(
         idempotency_key=key,
         request_hash=fingerprint,
         response_body=body,
-        terms=[(line.sku, line.quantity, catalog[line.sku][0], catalog[line.sku][1]) for line in lines],
+        terms=[(line.sku, line.quantity, catalog[line.sku].name, catalog[line.sku].unit_price) for line in lines],
         max_pending=max_pending,
     )
     if not row["placed"]:
@@ -234,20 +222,6 @@ def _too_many_pending(max_pending: int) -> TooManyPendingOrders:
     )
 
 
-def _if_match_ok(if_match: str | None, version: int) -> bool:
-    if if_match is None:
-        return True
-    for tag in if_match.split(","):
-        tag = tag.strip()
-        if tag == "*":
-            return True
-        if tag.startswith("W/"):
-            tag = tag[2:]
-        if tag == f'"{version}"':
-            return True
-    return False
-
-
 async def visible_order_exists(res: Resources, who: Principal, order_id: UUID) -> bool:
     row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.owner(conn, order_id))
     return row is not None and who.can_see(row)
@@ -258,15 +232,16 @@ async def change_status(
     who: Principal,
     order_id: UUID,
     target: OrderStatus,
-    if_match: str | None,
+    if_match: frozenset[int] | None,
     request_id: str | None,
 ) -> tuple[dict[str, Any], list[int]]:
-    """Move an order to `target` (cancel included): 404, 412, 409 or the new order."""
+    """Move an order to `target` (cancel included): 404, 412, 409 or the new order.
+    `if_match`: the versions the client accepts (None: any)."""
     async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn, conn.transaction():
         row = await orders.get_for_update(conn, order_id)
         if row is None or not who.can_see(row["customer_id"]):
             raise NotFound("no such order")
-        if not _if_match_ok(if_match, row["version"]):
+        if if_match is not None and row["version"] not in if_match:
             raise PreconditionFailed(f'the order is at version "{row["version"]}"')
         current = OrderStatus(row["status"])
         if not can_transition(current, target):

@@ -13,6 +13,7 @@ from fastapi.responses import Response
 
 from orders import service
 from orders.api.openapi import header, json_body, problems
+from orders.api.preconditions import etag, parse_if_match
 from orders.body import parse_json, validate
 from orders.deps import CurrentCustomer, Res, ensure_admin, parse_cursor, parse_order_id
 from orders.domain.cursor import decode_order_cursor
@@ -28,9 +29,7 @@ IF_MATCH = header("If-Match", 'the order\'s ETag, e.g. "3" (W/"3" and * accepted
 
 def _order_response(doc: dict[str, Any] | bytes, version: int, status: int = 200, **headers: str) -> Response:
     body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
-    return Response(
-        body, status_code=status, media_type="application/json", headers={"ETag": f'"{version}"', **headers}
-    )
+    return Response(body, status_code=status, media_type="application/json", headers={"ETag": etag(version), **headers})
 
 
 def _request_id() -> str | None:
@@ -134,7 +133,7 @@ async def cancel_order(
 ) -> Response:
     oid = parse_order_id(order_id)
     doc, outbox_ids = await service.change_status(
-        res, who, oid, OrderStatus.CANCELLED, request.headers.get("if-match"), _request_id()
+        res, who, oid, OrderStatus.CANCELLED, parse_if_match(request.headers.get("if-match")), _request_id()
     )
     if outbox_ids:
         background.add_task(res.relay.dispatch, outbox_ids)
@@ -162,7 +161,7 @@ async def change_status(
             raise NotFound("no such order") from None
         raise
     doc, outbox_ids = await service.change_status(
-        res, who, oid, change.status, request.headers.get("if-match"), _request_id()
+        res, who, oid, change.status, parse_if_match(request.headers.get("if-match")), _request_id()
     )
     if outbox_ids:
         background.add_task(res.relay.dispatch, outbox_ids)
