@@ -8,6 +8,8 @@ from uuid import UUID
 
 import asyncpg
 
+from orders.db.outbox import FAST_PATH_HEAD_START_S
+
 ORDER_COLUMNS = """
     o.id, o.customer_id, o.status, o.currency::text AS currency, o.email,
     o.subtotal, o.total, o.shipping_address, o.version, o.created_at, o.updated_at
@@ -101,7 +103,6 @@ async def place(
     created_at: datetime,
     event_data: dict[str, Any],
     outbox: list[tuple[str, str, dict[str, Any]]],
-    relay_delay_s: float,
     idempotency_key: str,
     request_hash: bytes,
     response_body: bytes,
@@ -128,7 +129,7 @@ async def place(
         [i["unit_price"] for i in items],
         [i["line_total"] for i in items],
         event_data,
-        relay_delay_s,
+        FAST_PATH_HEAD_START_S,
         [o[0] for o in outbox],
         [o[1] for o in outbox],
         [o[2] for o in outbox],
@@ -240,7 +241,6 @@ async def change_status(
     event_data: dict[str, Any],
     release_stock: bool,
     outbox: list[tuple[str, str, dict[str, Any]]],
-    relay_delay_s: float,
 ) -> asyncpg.Record:
     row = await conn.fetchrow(
         CHANGE_SQL,
@@ -250,7 +250,7 @@ async def change_status(
         actor,
         event_data,
         release_stock,
-        relay_delay_s,
+        FAST_PATH_HEAD_START_S,
         [o[0] for o in outbox],
         [o[1] for o in outbox],
         [o[2] for o in outbox],

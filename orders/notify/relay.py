@@ -38,6 +38,7 @@ import asyncpg
 import structlog
 
 from orders.db import idempotency, outbox
+from orders.db.outbox import FAST_PATH_HEAD_START_S
 from orders.db.pool import connection
 from orders.notify.email import Mailer, render
 from orders.observability import NOTIFICATIONS_FAILED, NOTIFICATIONS_PENDING, NOTIFICATIONS_SENT, RELAY_LAG
@@ -46,8 +47,6 @@ from orders.settings import Settings
 log = structlog.get_logger("orders.notify")
 audit_log = structlog.get_logger("audit")
 
-# The relay leaves a new row to its request's BackgroundTask for this long.
-FAST_PATH_HEAD_START_S = 5.0
 DISPATCH_LINGER_S = 0.05
 BACKPRESSURE_LOG_S = 5.0
 BACKOFF_BASE_S = 1.0
@@ -108,7 +107,9 @@ class Relay:
 
     # -- fast path -------------------------------------------------------------
 
-    async def dispatch(self, ids: list[int]) -> None:
+    def dispatch(self, ids: list[int]) -> None:
+        """Queue committed rows for the dispatcher (a request's BackgroundTask, through
+        its unit of work); never waits."""
         if not ids:
             return
         if self._stopping.is_set() or len(self._queue) + len(ids) > self._queue_max:

@@ -12,7 +12,7 @@ from orders.api.preconditions import parse_if_match
 from orders.domain.money import MINOR_UNITS, format_money, is_currency
 from orders.notify.email import render
 from orders.notify.outbox import email_row, message_id
-from orders.service import request_fingerprint
+from orders.service.orders import request_fingerprint
 from orders.settings import Settings, check_secret
 
 STRONG = "unit-test-only-secret-0123456789-abcdef"
