@@ -22,25 +22,18 @@ ITEMS_SUBQUERY = """
        FROM order_items i WHERE i.order_id = o.id) AS items
 """
 
-# A new order in one statement, after the claim: its reservation and everything it
-# writes. `customer` locks the customer's row of customer_pending first, always before
-# the product rows (CHANGE_SQL does the same), and says whether the customer is under
-# the cap of pending orders ($27, 0 for none); the count is the latest one, and the
-# triggers of migration 0002 add this order to it at the end of the statement. A
-# customer's concurrent orders thus go one at a time, and one at the cap takes no
-# product lock. `locked` takes the product rows' locks in SKU order ($23 is sorted)
-# before any line is updated, whatever plan the UPDATE gets (with a scan, the UPDATE
-# alone locks rows in physical order, and orders for the same hot SKUs deadlock: seen
-# with a two-product catalog), and returns their latest versions. Each line is reserved
-# when its stock suffices and its name, price and currency are still those of the
-# claim's snapshot the order was priced from; only when every line is does the rest get
-# written: the order, its items, its first event, its outbox rows and the idempotency
-# record with the answer to replay. Otherwise nothing is inserted and `room` / `short` /
-# `same_terms` say why; the caller rolls back (undoing the lines that were reserved).
-# The hot product rows stay locked for this statement and the COMMIT only. The
-# foreign-key checks of order_items run at the end of the statement, on rows this
-# transaction already holds (checked before the lock, other orders' updates would make
-# them multixacts: 30 ms of PostgreSQL CPU per order in a two-SKU rush).
+# A new order in one statement, after the claim (idempotency.CLAIM_SQL): its reservation
+# and everything it writes. Every writer takes its locks in one order (CHANGE_SQL too): the
+# customer's row of customer_pending first (`customer`, which also says whether the customer
+# is under the cap of pending orders; the triggers of migration 0002 count this order at
+# the end of the statement), then the product rows in SKU order (`locked`, MATERIALIZED, so
+# that no plan of the UPDATE locks them in another order and deadlocks). A line is reserved
+# only when its stock suffices and its name, price and currency are still those of the
+# snapshot the order was priced from; only when every line is does the rest get written
+# (order, items, event, outbox rows, idempotency record). Otherwise nothing is inserted,
+# `room` / `short` / `same_terms` say why and the caller rolls back. The foreign keys of
+# order_items are checked at the end of the statement, on rows this transaction already
+# holds. Measurements behind these choices: docs/PERFORMANCE.md, "What was tuned".
 PLACE_SQL = """
 WITH customer AS (
     INSERT INTO customer_pending AS c (customer_id, pending) VALUES ($2::text, 0)

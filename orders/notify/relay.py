@@ -9,7 +9,7 @@
   one claim, one SMTP session and one "sent" statement) and runs up to
   `ORDERS_RELAY_CONCURRENCY` batches at a time. Under saturation every SMTP command
   waits for a full turn of a busy event loop, so a few sessions alone fall far behind
-  (4 sessions: 11 000 rows left after a 15 s bench run; 16: 3 700, see PERFORMANCE.md).
+  (docs/PERFORMANCE.md).
 * The relay loop claims due rows with FOR UPDATE SKIP LOCKED plus a lease, so replicas
   share the work without sending a row twice. A failed row backs off exponentially, up
   to `ORDERS_RELAY_BACKOFF_MAX_S`. Transient failures (the network, timeouts, 4xx
