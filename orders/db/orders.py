@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -89,6 +89,38 @@ SELECT (SELECT ok.ok FROM ok) AS placed,
 """
 
 
+class PlaceParams(NamedTuple):
+    """The parameters of PLACE_SQL, in the order of their numbers."""
+
+    order_id: str  # $1
+    customer_id: str  # $2
+    currency: str  # $3
+    email: str  # $4
+    subtotal: int  # $5
+    total: int  # $6
+    shipping_address: dict[str, Any]  # $7
+    created_at: datetime  # $8: the transaction's timestamp, from the claim
+    item_positions: list[int]  # $9 .. $14: the order's items, in the client's order
+    item_skus: list[str]
+    item_names: list[str]
+    item_quantities: list[int]
+    item_unit_prices: list[int]
+    item_line_totals: list[int]
+    event_data: dict[str, Any]  # $15
+    outbox_delay_s: float  # $16
+    outbox_kinds: list[str]  # $17 .. $19: the outbox rows
+    outbox_topics: list[str]
+    outbox_payloads: list[dict[str, Any]]
+    idempotency_key: str  # $20
+    request_hash: bytes  # $21
+    response_body: bytes  # $22
+    term_skus: list[str]  # $23 .. $26: the terms the order was priced at, sorted by SKU
+    term_quantities: list[int]
+    term_names: list[str]
+    term_unit_prices: list[int]
+    max_pending: int  # $27: the customer's cap of pending orders (0: none)
+
+
 async def place(
     conn: asyncpg.Connection,
     *,
@@ -105,36 +137,36 @@ async def place(
     """`terms`: (sku, quantity, name, unit_price) of each line, sorted by SKU, as the
     order was priced; `max_pending`: the customer's cap of pending orders (0: none)."""
     items = order["items"]
-    row = await conn.fetchrow(
-        PLACE_SQL,
-        order["id"],
-        order["customer_id"],
-        order["currency"],
-        order["email"],
-        order["subtotal"],
-        order["total"],
-        order["shipping_address"],
-        created_at,
-        list(range(len(items))),
-        [i["sku"] for i in items],
-        [i["name"] for i in items],
-        [i["quantity"] for i in items],
-        [i["unit_price"] for i in items],
-        [i["line_total"] for i in items],
-        event_data,
-        FAST_PATH_HEAD_START_S,
-        [o[0] for o in outbox],
-        [o[1] for o in outbox],
-        [o[2] for o in outbox],
-        idempotency_key,
-        request_hash,
-        response_body,
-        [t[0] for t in terms],
-        [t[1] for t in terms],
-        [t[2] for t in terms],
-        [t[3] for t in terms],
-        max_pending,
+    params = PlaceParams(
+        order_id=order["id"],
+        customer_id=order["customer_id"],
+        currency=order["currency"],
+        email=order["email"],
+        subtotal=order["subtotal"],
+        total=order["total"],
+        shipping_address=order["shipping_address"],
+        created_at=created_at,
+        item_positions=list(range(len(items))),
+        item_skus=[i["sku"] for i in items],
+        item_names=[i["name"] for i in items],
+        item_quantities=[i["quantity"] for i in items],
+        item_unit_prices=[i["unit_price"] for i in items],
+        item_line_totals=[i["line_total"] for i in items],
+        event_data=event_data,
+        outbox_delay_s=FAST_PATH_HEAD_START_S,
+        outbox_kinds=[o[0] for o in outbox],
+        outbox_topics=[o[1] for o in outbox],
+        outbox_payloads=[o[2] for o in outbox],
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        response_body=response_body,
+        term_skus=[t[0] for t in terms],
+        term_quantities=[t[1] for t in terms],
+        term_names=[t[2] for t in terms],
+        term_unit_prices=[t[3] for t in terms],
+        max_pending=max_pending,
     )
+    row = await conn.fetchrow(PLACE_SQL, *params)
     assert row is not None
     return row
 
@@ -224,6 +256,21 @@ SELECT c.version, c.updated_at,
 """
 
 
+class ChangeParams(NamedTuple):
+    """The parameters of CHANGE_SQL, in the order of their numbers."""
+
+    order_id: UUID  # $1
+    status: str  # $2
+    event_type: str  # $3
+    actor: str  # $4
+    event_data: dict[str, Any]  # $5
+    release_stock: bool  # $6
+    outbox_delay_s: float  # $7
+    outbox_kinds: list[str]  # $8 .. $10: the outbox rows
+    outbox_topics: list[str]
+    outbox_payloads: list[dict[str, Any]]
+
+
 async def change_status(
     conn: asyncpg.Connection,
     order_id: UUID,
@@ -235,19 +282,19 @@ async def change_status(
     release_stock: bool,
     outbox: list[tuple[str, str, dict[str, Any]]],
 ) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        CHANGE_SQL,
-        order_id,
-        status,
-        event_type,
-        actor,
-        event_data,
-        release_stock,
-        FAST_PATH_HEAD_START_S,
-        [o[0] for o in outbox],
-        [o[1] for o in outbox],
-        [o[2] for o in outbox],
+    params = ChangeParams(
+        order_id=order_id,
+        status=status,
+        event_type=event_type,
+        actor=actor,
+        event_data=event_data,
+        release_stock=release_stock,
+        outbox_delay_s=FAST_PATH_HEAD_START_S,
+        outbox_kinds=[o[0] for o in outbox],
+        outbox_topics=[o[1] for o in outbox],
+        outbox_payloads=[o[2] for o in outbox],
     )
+    row = await conn.fetchrow(CHANGE_SQL, *params)
     assert row is not None
     return row
 

@@ -117,24 +117,24 @@ class Mailer:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[aiosmtplib.SMTP]:
-        s = self.settings
+        settings = self.settings
         smtp = aiosmtplib.SMTP(
-            hostname=s.smtp_host,
-            port=s.smtp_port,
-            username=s.smtp_username,
-            password=s.smtp_password,
-            start_tls=s.smtp_starttls,
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            start_tls=settings.smtp_starttls,
             use_tls=False,
             local_hostname=self.local_hostname,
-            timeout=s.smtp_timeout_s,
+            timeout=settings.smtp_timeout_s,
         )
-        async with asyncio.timeout(s.smtp_timeout_s):
+        async with asyncio.timeout(settings.smtp_timeout_s):
             await smtp.connect()
         try:
             yield smtp
         finally:
             try:
-                async with asyncio.timeout(s.smtp_timeout_s):
+                async with asyncio.timeout(settings.smtp_timeout_s):
                     await smtp.quit()
             except Exception:
                 smtp.close()

@@ -256,8 +256,8 @@ class Relay:
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
                 await outbox.mark_retry(conn, [r["id"] for r in rows], errors, delays, give_ups)
-        except Exception as exc2:  # the leases expire and the rows are retried anyway
-            log.warning("notify_mark_retry_failed", error=type(exc2).__name__, rows=len(rows))
+        except Exception as record_error:  # the leases expire and the rows are retried anyway
+            log.warning("notify_mark_retry_failed", error=type(record_error).__name__, rows=len(rows))
 
     # -- the relay loop ----------------------------------------------------------
 
@@ -283,9 +283,8 @@ class Relay:
 
     async def run_once(self, *, ahead_s: float = 0.0) -> tuple[int, int]:
         """One pass: deliver a batch of due rows; returns (claimed, delivered)."""
-        s = self.settings
-        async with connection(self.pool, s.db_acquire_timeout_s) as conn:
-            rows = await outbox.claim_due(conn, s.relay_batch, s.relay_lease_s, ahead_s)
+        async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
+            rows = await outbox.claim_due(conn, self.settings.relay_batch, self.settings.relay_lease_s, ahead_s)
         delivered = await self._deliver_all(rows)
         if self.replay_invalidations is not None:
             await self.replay_invalidations()
@@ -313,16 +312,16 @@ class Relay:
         RETENTION_BATCH rows per statement (each its own short transaction) until a batch
         comes back short. Replicas skip each other's locked rows, so they share the work.
         Returns the rows deleted by table."""
-        s = self.settings
+        settings = self.settings
         purges = {
-            "outbox": lambda conn: outbox.purge_sent(conn, s.outbox_retention_h, RETENTION_BATCH),
-            "idempotency_keys": lambda conn: idempotency.purge(conn, s.idempotency_retention_h, RETENTION_BATCH),
+            "outbox": lambda conn: outbox.purge_sent(conn, settings.outbox_retention_h, RETENTION_BATCH),
+            "idempotency_keys": lambda conn: idempotency.purge(conn, settings.idempotency_retention_h, RETENTION_BATCH),
         }
         purged = dict.fromkeys(purges, 0)
         for table, purge in purges.items():
             deleted = RETENTION_BATCH
             while deleted == RETENTION_BATCH and not self._stopping.is_set():
-                async with connection(self.pool, s.db_acquire_timeout_s) as conn:
+                async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
                     deleted = await purge(conn)
                 purged[table] += deleted
         if any(purged.values()):
