@@ -89,6 +89,11 @@ SELECT (SELECT ok.ok FROM ok) AS placed,
 """
 
 
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows of `width` values as `width` columns (the arrays that unnest() joins again)."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
 class PlaceParams(NamedTuple):
     """The parameters of PLACE_SQL, in the order of their numbers."""
 
@@ -282,17 +287,9 @@ async def change_status(
     release_stock: bool,
     outbox: list[tuple[str, str, dict[str, Any]]],
 ) -> asyncpg.Record:
+    # In field order; the keyword parameters above carry the names.
     params = ChangeParams(
-        order_id=order_id,
-        status=status,
-        event_type=event_type,
-        actor=actor,
-        event_data=event_data,
-        release_stock=release_stock,
-        outbox_delay_s=FAST_PATH_HEAD_START_S,
-        outbox_kinds=[o[0] for o in outbox],
-        outbox_topics=[o[1] for o in outbox],
-        outbox_payloads=[o[2] for o in outbox],
+        order_id, status, event_type, actor, event_data, release_stock, FAST_PATH_HEAD_START_S, *_columns(outbox, 3)
     )
     row = await conn.fetchrow(CHANGE_SQL, *params)
     assert row is not None

@@ -8,14 +8,15 @@ then the cache entries are written (before the response, so that the client's ne
 sees its change), and `dispatch()`, the one BackgroundTask of the route, hands the outbox
 rows to the relay after the response. Reads go through `read()` and the cache.
 
-The query modules (orders/db) are attributes, so that unit tests give the use cases a
-fake unit of work with in-memory ones (tests/unit/test_use_cases.py).
+The query modules (orders/db) are attributes and the connection comes from
+`_connection()`, so that unit tests run the use cases through a unit of work with
+in-memory ones (tests/unit/test_use_cases.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
@@ -52,7 +53,7 @@ class UnitOfWork:
         self._cache_entries = []
         dispatched = len(self._outbox_ids)
         try:
-            async with connection(self.pool, self.timeout) as conn, conn.transaction():
+            async with self._connection() as conn, conn.transaction():
                 yield conn
         except BaseException:
             del self._outbox_ids[dispatched:]
@@ -60,6 +61,9 @@ class UnitOfWork:
         if self._cache_entries:
             entries, self._cache_entries = self._cache_entries, []
             await self.cache.apply(entries)
+
+    def _connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        return connection(self.pool, self.timeout)
 
     async def read(self, fetch: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """`fetch(conn)` outside any transaction, retried once on a connection that broke."""

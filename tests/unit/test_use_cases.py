@@ -1,7 +1,8 @@
-"""The use cases (orders/service) through a fake unit of work: in-memory query modules, a
-transaction that commits unless its block raises, and a record of what was done after
-the commit. The real unit of work, its SQL and its effects on PostgreSQL and Redis are
-covered by the integration tests (test_unit_of_work.py and the HTTP tests)."""
+"""The use cases (orders/service) through a fake unit of work: the real UnitOfWork (its
+after-commit logic included) over in-memory query modules, a connection whose transactions
+commit unless their block raises, and a cache that records what is applied to it. The SQL
+and the effects on PostgreSQL and Redis are covered by the integration tests
+(test_unit_of_work.py and the HTTP tests)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from orders.ratelimit import RateLimiter
 from orders.schemas import OrderCreate
 from orders.service import orders as order_cases
 from orders.service import products as product_cases
+from orders.service.unit_of_work import UnitOfWork
 from orders.settings import Settings
 
 NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
@@ -161,47 +163,62 @@ class FakeRelay:
         self.dispatched += ids
 
 
-class FakeUnitOfWork:
-    """UnitOfWork's interface: the block of `transaction()` commits unless it raises; the
-    cache entries and outbox ids it collected count only once it has committed."""
+class RecordingCache(Cache):
+    """The cache with Redis off (reads miss, loads run) that records what is applied."""
 
     def __init__(self) -> None:
+        super().__init__(None, Settings(_env_file=None, dev=True))  # type: ignore[call-arg]
+        self.applied: list[tuple[str, int, dict[str, Any] | None]] = []
+
+    async def apply(self, entries: list[tuple[str, int, dict[str, Any] | None]]) -> None:
+        self.applied += entries
+
+
+class FakeTransaction:
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self.uow = uow
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.uow.commits += 1
+        else:
+            self.uow.rollbacks += 1
+
+
+class FakeConnection:
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self.uow = uow
+
+    def transaction(self) -> FakeTransaction:
+        return FakeTransaction(self.uow)
+
+
+class FakeUnitOfWork(UnitOfWork):
+    """The real unit of work (its after-commit logic included) over in-memory query
+    modules and a connection whose transactions commit unless their block raises."""
+
+    def __init__(self) -> None:
+        self.cache: RecordingCache
+        super().__init__(None, RecordingCache(), FakeRelay(), 1.0)  # type: ignore[arg-type]
         self.catalog = FakeCatalog()
-        self.idempotency = FakeIdempotency(self.catalog)
-        self.orders = FakeOrders(self.catalog, self.idempotency)
-        self.products = FakeProducts(self.catalog)
-        self.cache = Cache(None, Settings(_env_file=None, dev=True))  # type: ignore[call-arg]
-        self.relay = FakeRelay()
+        self.idempotency = FakeIdempotency(self.catalog)  # type: ignore[assignment]
+        self.orders = FakeOrders(self.catalog, self.idempotency)  # type: ignore[assignment]
+        self.products = FakeProducts(self.catalog)  # type: ignore[assignment]
         self.commits = self.rollbacks = 0
-        self.cache_written: list[tuple[str, int, dict[str, Any] | None]] = []  # after commits
-        self._cache_pending: list[tuple[str, int, dict[str, Any] | None]] = []
-        self._outbox_pending: list[int] = []
-        self._outbox_committed: list[int] = []
+
+    @property
+    def cache_written(self) -> list[tuple[str, int, dict[str, Any] | None]]:
+        return self.cache.applied
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        self._cache_pending, self._outbox_pending = [], []
-        try:
-            yield None
-        except BaseException:
-            self.rollbacks += 1
-            raise
-        self.commits += 1
-        self.cache_written += self._cache_pending
-        self._outbox_committed += self._outbox_pending
+    async def _connection(self) -> AsyncIterator[FakeConnection]:  # type: ignore[override]
+        yield FakeConnection(self)
 
     async def read(self, fetch: Callable[[Any], Awaitable[Any]]) -> Any:
         return await fetch(None)
-
-    def cache_write(self, key: str, version: int, value: dict[str, Any] | None) -> None:
-        self._cache_pending.append((key, version, value))
-
-    def dispatch_later(self, outbox_ids: list[int]) -> None:
-        self._outbox_pending += outbox_ids
-
-    async def dispatch(self) -> None:
-        if self._outbox_committed:
-            self.relay.dispatch(self._outbox_committed)
 
 
 LIMITER = RateLimiter(Cache(None, Settings(_env_file=None, dev=True)), 0)  # type: ignore[call-arg]
@@ -218,7 +235,7 @@ def order_request(*lines: tuple[str, int]) -> tuple[dict[str, Any], OrderCreate]
 
 async def place(uow: FakeUnitOfWork, key: str, *lines: tuple[str, int], caller: Principal = ALICE) -> order_cases.Placed:
     raw, req = order_request(*lines)
-    return await order_cases.place_order(uow, LIMITER, caller, key, raw, req, "req-1", max_pending=0)  # type: ignore[arg-type]
+    return await order_cases.place_order(uow, LIMITER, caller, key, raw, req, "req-1", max_pending=0)
 
 
 @pytest.fixture
@@ -294,9 +311,9 @@ async def test_a_cancel_releases_stock_after_its_commit_and_dispatches_its_rows(
     order_id = UUID(placed.order_id)
     uow.cache_written.clear()
     with pytest.raises(PreconditionFailed):
-        await order_cases.change_status(uow, ALICE, order_id, OrderStatus.CANCELLED, frozenset({2}), None)  # type: ignore[arg-type]
+        await order_cases.change_status(uow, ALICE, order_id, OrderStatus.CANCELLED, frozenset({2}), None)
     assert uow.cache_written == []
-    doc = await order_cases.change_status(uow, ALICE, order_id, OrderStatus.CANCELLED, frozenset({1}), None)  # type: ignore[arg-type]
+    doc = await order_cases.change_status(uow, ALICE, order_id, OrderStatus.CANCELLED, frozenset({1}), None)
     assert (doc["status"], doc["version"]) == ("cancelled", 2)
     assert uow.cache_written == [(f"orders:order:{order_id}", 2, doc), ("orders:product:MUG", 3, None)]
     assert uow.catalog.rows["MUG"]["stock"] == 5
@@ -308,21 +325,21 @@ async def test_other_customers_orders_are_not_found(uow):
     placed = await place(uow, "k1", ("MUG", 1))
     bob = Principal("bob", is_admin=False)
     with pytest.raises(NotFound):
-        await order_cases.get_order(uow, bob, UUID(placed.order_id))  # type: ignore[arg-type]
+        await order_cases.get_order(uow, bob, UUID(placed.order_id))
     with pytest.raises(NotFound):
-        await order_cases.change_status(uow, bob, UUID(placed.order_id), OrderStatus.CANCELLED, None, None)  # type: ignore[arg-type]
-    assert not await order_cases.visible_order_exists(uow, bob, UUID(placed.order_id))  # type: ignore[arg-type]
-    assert await order_cases.visible_order_exists(uow, STAFF, UUID(placed.order_id))  # type: ignore[arg-type]
-    assert (await order_cases.get_order(uow, STAFF, UUID(placed.order_id)))["customer_id"] == "alice"  # type: ignore[arg-type]
+        await order_cases.change_status(uow, bob, UUID(placed.order_id), OrderStatus.CANCELLED, None, None)
+    assert not await order_cases.visible_order_exists(uow, bob, UUID(placed.order_id))
+    assert await order_cases.visible_order_exists(uow, STAFF, UUID(placed.order_id))
+    assert (await order_cases.get_order(uow, STAFF, UUID(placed.order_id)))["customer_id"] == "alice"
     with pytest.raises(NotFound):
-        await order_cases.get_order(uow, STAFF, uuid4())  # type: ignore[arg-type]
+        await order_cases.get_order(uow, STAFF, uuid4())
 
 
 async def test_a_product_written_is_cached_after_its_commit(uow):
     fields = {"name": "Lamp", "unit_price": 4500, "currency": "EUR", "stock": 3}
-    doc, created = await product_cases.put_product(uow, "LAMP", fields)  # type: ignore[arg-type]
+    doc, created = await product_cases.put_product(uow, "LAMP", fields)
     assert created and doc == {"sku": "LAMP", **fields}
-    doc, created = await product_cases.put_product(uow, "LAMP", {**fields, "stock": 4})  # type: ignore[arg-type]
+    doc, created = await product_cases.put_product(uow, "LAMP", {**fields, "stock": 4})
     assert not created
     assert uow.cache_written == [("orders:product:LAMP", 1, {"sku": "LAMP", **fields}), ("orders:product:LAMP", 2, doc)]
-    assert await product_cases.get_product(uow, "LAMP") == doc  # type: ignore[arg-type]
+    assert await product_cases.get_product(uow, "LAMP") == doc
