@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orders.api import docs, health, orders, products
 from orders.api.openapi import add_schemas
+from orders.api.problems import install_handlers, internal_error
 from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
-from orders.errors import install_handlers, internal_error
 from orders.observability import RequestContext, configure_logging, pool_gauges
 from orders.resources import open_resources
 from orders.schemas import OrderCreate, ProductIn, StatusChange
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             previous = _watch_sigterm(app)
             # What start-up built (modules, routes, schemas, pools) lives as long as the
             # process: out of the collector's sight, a full collection under load scans
-            # only what came after (gen-2 pauses of 50-60 ms became 7-15 ms in the bench).
+            # only what came after (shorter gen-2 pauses: docs/PERFORMANCE.md).
             gc.collect()
             gc.freeze()
             try:
@@ -118,10 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_handlers(app)
-    # The routes go straight onto the application's router, not through include_router:
-    # FastAPI 0.165 keeps an included router as a node that re-walks its routes on every
-    # request (18 % of a cached GET's CPU in the profile, docs/PERFORMANCE.md). The
-    # routers carry only a prefix and tags, which their routes already hold.
+    # The routes go straight onto the application's router, not through include_router,
+    # which re-walks an included router's routes on every request (docs/PERFORMANCE.md).
+    # The routers carry only a prefix and tags, which their routes already hold.
     for router in (products.router, orders.router, health.router, docs.router):
         app.router.routes.extend(router.routes)
     app.router.routes.append(docs.assets)

@@ -61,18 +61,18 @@ class TokenVerifier:
             raise Unauthorized("the token's subject is invalid")
         roles = claims.get("roles") or []
         is_admin = isinstance(roles, list) and "admin" in roles
-        who = Principal(customer_id=sub, is_admin=is_admin)
+        principal = Principal(customer_id=sub, is_admin=is_admin)
         if len(self._verified) >= VERIFIED_CACHE_SIZE:
             del self._verified[next(iter(self._verified))]
         # jwt.decode checked that these are integers (int() of the claim, as PyJWT compares them).
         nbf, iat = claims.get("nbf"), claims.get("iat")
         self._verified[token] = (
-            who,
+            principal,
             int(claims["exp"]),
             None if nbf is None else int(nbf),
             None if iat is None else int(iat),
         )
-        return who
+        return principal
 
 
 VERIFIED_CACHE_SIZE = 8192

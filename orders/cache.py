@@ -10,7 +10,7 @@ Why it cannot serve stale data for long:
   command that "timed out" on our side and runs later.
 * After a commit the writer stores the new version (write-through) or a tombstone.
   When that fails (Redis down, slow, or the circuit open), the key and version are
-  recorded in PostgreSQL (`cache_invalidations`); the relay replays them every second
+  recorded in PostgreSQL (InvalidationLog); the relay replays them every second
   while Redis answers, and this process replays them before it reads from Redis again
   after an outage. So an entry written before an outage and changed during it is gone
   within about a second of Redis coming back, on every replica. (The one gap: a
@@ -30,7 +30,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import structlog
@@ -41,6 +41,9 @@ from redis.retry import Retry
 
 from orders.observability import CACHE_EVENTS
 from orders.settings import Settings
+
+if TYPE_CHECKING:
+    from orders.invalidation_log import InvalidationLog
 
 log = structlog.get_logger("orders.cache")
 
@@ -62,8 +65,6 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
 return 1
 """
 _CAS_SHA = hashlib.sha1(_CAS.encode()).hexdigest()
-
-FailureRecorder = Callable[[list[tuple[str, int]]], Awaitable[None]]
 
 
 def order_key(prefix: str, order_id: Any) -> str:
@@ -111,24 +112,24 @@ class CircuitBreaker:
 
 
 class Cache:
-    def __init__(self, redis: Redis | None, settings: Settings) -> None:
+    def __init__(self, redis: Redis | None, settings: Settings, invalidations: InvalidationLog | None = None) -> None:
         self.redis = redis
         self.prefix = settings.cache_prefix
         self.ttl = settings.cache_ttl_s
         self.timeout = settings.redis_timeout_s
         self.breaker = CircuitBreaker()
-        self.record_failure: FailureRecorder | None = None
+        # Where writes after a commit that Redis cannot take are kept for replay.
+        self.invalidations = invalidations
         # Set while invalidations recorded during an outage are being replayed:
         # reads skip Redis until they are.
-        self.replay: Callable[[], Awaitable[None]] | None = None
         self._replaying = False
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def connect(cls, settings: Settings) -> Cache:
+    def connect(cls, settings: Settings, invalidations: InvalidationLog | None = None) -> Cache:
         if settings.redis_url is None:
-            return cls(None, settings)
+            return cls(None, settings, invalidations)
         redis = Redis.from_url(
             str(settings.redis_url),
             socket_timeout=settings.redis_timeout_s,
@@ -137,7 +138,7 @@ class Cache:
             max_connections=200,
             health_check_interval=0,
         )
-        return cls(redis, settings)
+        return cls(redis, settings, invalidations)
 
     @property
     def enabled(self) -> bool:
@@ -163,17 +164,21 @@ class Cache:
             self.breaker.abandon()
             raise
         self.breaker.success()
-        if was_open and self.replay is not None and not self._replaying:
+        if was_open and self.invalidations is not None and not self._replaying:
             self._replaying = True  # reads skip Redis from now until the replay is done
             task = asyncio.get_running_loop().create_task(self._replay_after_outage())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return True, result
 
+    async def replay_invalidations(self) -> None:
+        """Apply what was recorded while Redis could not take it (the relay's every pass)."""
+        if self.invalidations is not None:
+            await self.invalidations.replay(self)
+
     async def _replay_after_outage(self) -> None:
         try:
-            assert self.replay is not None
-            await self.replay()
+            await self.replay_invalidations()
         except Exception as exc:
             log.warning("cache_replay_failed", error=type(exc).__name__)
         finally:
@@ -279,5 +284,5 @@ class Cache:
         if self.redis is None or not entries:
             return
         ok, _ = await self.call(lambda: self.cas_many(entries))
-        if not ok and self.record_failure is not None:
-            await self.record_failure([(key, version) for key, version, _ in entries])
+        if not ok and self.invalidations is not None:
+            await self.invalidations.record([(key, version) for key, version, _ in entries])

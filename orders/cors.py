@@ -7,7 +7,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from orders.errors import PROBLEM_BASE, problem_response
+from orders.api.problems import PROBLEM_BASE, problem_response
 
 
 class ProblemCORSMiddleware(CORSMiddleware):

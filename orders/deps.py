@@ -33,25 +33,25 @@ async def serving_resources(res: Annotated[Resources, Depends(get_resources)]) -
     return res
 
 
-# Business routes; the probes and /metrics take ProbeRes and keep answering while draining.
-Res = Annotated[Resources, Depends(serving_resources)]
-ProbeRes = Annotated[Resources, Depends(get_resources)]
+# Business routes; the probes and /metrics take ProbeResources and keep answering while draining.
+ServingResources = Annotated[Resources, Depends(serving_resources)]
+ProbeResources = Annotated[Resources, Depends(get_resources)]
 
 
 async def current_principal(
     request: Request,
-    res: Res,
+    res: ServingResources,
 ) -> Principal:
-    who = res.verifier.verify(request.headers.get("authorization"))
-    structlog.contextvars.bind_contextvars(customer_id=who.customer_id)
-    return who
+    caller = res.verifier.verify(request.headers.get("authorization"))
+    structlog.contextvars.bind_contextvars(customer_id=caller.customer_id)
+    return caller
 
 
 CurrentCustomer = Annotated[Principal, Depends(current_principal)]
 
 
-def ensure_admin(who: Principal) -> None:
-    if not who.is_admin:
+def ensure_admin(caller: Principal) -> None:
+    if not caller.is_admin:
         raise Forbidden("this operation is for staff")
 
 

@@ -32,7 +32,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
 
-from orders.errors import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
+from orders.api.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 from orders.observability import HTTP_GUARDED, Throttled
 from orders.settings import Settings
 

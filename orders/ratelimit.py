@@ -47,5 +47,5 @@ class RateLimiter:
             retry_after = max(1, int((window + 1) * WINDOW_S - now) + 1)
             raise RateLimited(
                 f"at most {self.per_minute} orders a minute",
-                headers={"Retry-After": str(retry_after)},
+                retry_after=retry_after,
             )

@@ -19,19 +19,16 @@ import structlog
 
 from orders.auth import TokenVerifier
 from orders.cache import Cache
-from orders.db import invalidations
 from orders.db.migrate import migrate
-from orders.db.pool import CONNECTION_ERRORS, connection, create_pool
+from orders.db.pool import CONNECTION_ERRORS, create_pool
+from orders.invalidation_log import InvalidationLog
 from orders.notify.email import Mailer
 from orders.notify.relay import Relay
 from orders.ratelimit import RateLimiter
+from orders.service.unit_of_work import UnitOfWork
 from orders.settings import Settings
 
 log = structlog.get_logger("orders.resources")
-
-# Recorded cache invalidations replayed per Redis round trip, and per replay at most.
-REPLAY_BATCH = 500
-REPLAY_MAX_BATCHES = 40
 
 
 @dataclass
@@ -46,6 +43,9 @@ class Resources:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     # When SIGTERM arrived (time.monotonic()): the shutdown grace counts from there.
     sigterm_at: float | None = None
+
+    def unit_of_work(self) -> UnitOfWork:
+        return UnitOfWork(self.pool, self.cache, self.relay, self.settings.db_acquire_timeout_s)
 
     def start_draining(self) -> None:
         if self.sigterm_at is None:
@@ -112,47 +112,9 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             applied = await migrate(settings.dsn)
             log.info("migrations_checked", applied=applied)
         pool = await _connect_pool(settings)
-    cache = Cache.connect(settings)
+    cache = Cache.connect(settings, InvalidationLog(pool, settings.db_acquire_timeout_s))
     mailer = Mailer(settings)
-    timeout = settings.db_acquire_timeout_s
-
-    async def record_failure(entries: list[tuple[str, int]]) -> None:
-        try:
-            async with connection(pool, timeout) as conn:
-                await invalidations.record(conn, entries)
-        except Exception as exc:  # the TTL bounds what is lost; never fail the request
-            log.warning("cache_invalidation_not_recorded", error=type(exc).__name__)
-
-    replaying = asyncio.Lock()
-
-    async def replay() -> None:
-        # One replay at a time, whoever calls (the relay's pass, the cache coming back
-        # after an outage): a caller waits for the one under way, then finds what is left.
-        async with replaying:
-            await _replay_batches()
-
-    async def _replay_batches() -> None:
-        # Batch after batch until none is left (bounded): after a long outage, reads
-        # trust Redis again only once every invalidation recorded meanwhile is applied.
-        for _ in range(REPLAY_MAX_BATCHES):
-            if not cache.enabled or not cache.breaker.closed:
-                return
-            async with connection(pool, timeout) as conn:
-                entries = await invalidations.pending(conn, REPLAY_BATCH)
-            if not entries:
-                return
-            ok, _ = await cache.call(lambda batch=entries: cache.cas_many([(k, v, None) for k, v in batch]))
-            if not ok:
-                return
-            async with connection(pool, timeout) as conn:
-                await invalidations.forget(conn, entries)
-            log.info("cache_invalidations_replayed", count=len(entries))
-            if len(entries) < REPLAY_BATCH:
-                return
-
-    cache.record_failure = record_failure
-    cache.replay = replay
-    relay = Relay(pool, mailer, settings, replay_invalidations=replay)
+    relay = Relay(pool, mailer, settings, replay_invalidations=cache.replay_invalidations)
     res = Resources(
         settings=settings,
         pool=pool,

@@ -10,7 +10,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orders.api.openapi import PROBLEM, RETRY_AFTER
-from orders.deps import ProbeRes
+from orders.api.problems import error_response
+from orders.deps import ProbeResources
 from orders.errors import Unavailable
 from orders.observability import metrics_text, set_pool_gauges
 from orders.resources import Resources
@@ -48,7 +49,7 @@ READY_SCHEMA = {
         },
     },
 )
-async def readyz(res: ProbeRes) -> Response:
+async def readyz(res: ProbeResources) -> Response:
     postgres = "ok" if await _postgres_ok(res) else "down"
     if not res.cache.enabled:
         redis = "disabled"
@@ -56,7 +57,7 @@ async def readyz(res: ProbeRes) -> Response:
         redis = "ok" if await res.cache.ping() else "down"
     if res.draining.is_set() or postgres != "ok":
         detail = "draining" if res.draining.is_set() else "PostgreSQL is unreachable"
-        return Unavailable(detail, retry_after=5, postgres=postgres, redis=redis).response()
+        return error_response(Unavailable(detail, retry_after=5, postgres=postgres, redis=redis))
     body_ok = {"status": "ready", "postgres": postgres, "redis": redis}
     return Response(orjson.dumps(body_ok), media_type="application/json")
 
@@ -84,6 +85,6 @@ async def _postgres_ok(res: Resources) -> bool:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(res: ProbeRes) -> Response:
+async def metrics(res: ProbeResources) -> Response:
     set_pool_gauges(res.pool)
     return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)

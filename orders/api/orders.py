@@ -11,14 +11,15 @@ import structlog
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import Response
 
-from orders import service
 from orders.api.openapi import header, json_body, problems
+from orders.api.preconditions import etag, parse_if_match
 from orders.body import parse_json, validate
-from orders.deps import CurrentCustomer, Res, ensure_admin, parse_cursor, parse_order_id
+from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor, parse_order_id
 from orders.domain.cursor import decode_order_cursor
 from orders.domain.status import OrderStatus
 from orders.errors import IdempotencyKeyMissing, NotFound, ValidationFailed
 from orders.schemas import EventList, Order, OrderCreate, OrderPage, StatusChange
+from orders.service import orders as use_cases
 
 router = APIRouter(prefix="/v1/orders", tags=["orders"])
 
@@ -28,9 +29,7 @@ IF_MATCH = header("If-Match", 'the order\'s ETag, e.g. "3" (W/"3" and * accepted
 
 def _order_response(doc: dict[str, Any] | bytes, version: int, status: int = 200, **headers: str) -> Response:
     body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
-    return Response(
-        body, status_code=status, media_type="application/json", headers={"ETag": f'"{version}"', **headers}
-    )
+    return Response(body, status_code=status, media_type="application/json", headers={"ETag": etag(version), **headers})
 
 
 def _request_id() -> str | None:
@@ -56,19 +55,30 @@ def _request_id() -> str | None:
         ],
     },
 )
-async def create_order(request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res) -> Response:
+async def create_order(
+    request: Request, background: BackgroundTasks, caller: CurrentCustomer, res: ServingResources
+) -> Response:
     raw_bytes = await request.body()
     key = request.headers.get("idempotency-key")
     if key is None or not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise IdempotencyKeyMissing("an Idempotency-Key header of 1 to 255 printable ASCII characters is required")
     raw = parse_json(raw_bytes)
     req = validate(OrderCreate, raw)
-    placed = await service.place_order(res, who, key, raw, req, _request_id())
+    uow = res.unit_of_work()
+    placed = await use_cases.place_order(
+        uow,
+        res.limiter,
+        caller,
+        key,
+        raw,
+        req,
+        _request_id(),
+        max_pending=res.settings.max_pending_orders_per_customer,
+    )
+    background.add_task(uow.dispatch)
     headers = {"Location": f"/v1/orders/{placed.order_id}"}
     if placed.replayed:
         headers["Idempotent-Replayed"] = "true"
-    if placed.outbox_ids:
-        background.add_task(res.relay.dispatch, placed.outbox_ids)
     return _order_response(placed.body, placed.version, placed.status, **headers)
 
 
@@ -79,8 +89,8 @@ async def create_order(request: Request, background: BackgroundTasks, who: Curre
     responses=problems(401, 422, 503),
 )
 async def list_orders(
-    who: CurrentCustomer,
-    res: Res,
+    caller: CurrentCustomer,
+    res: ServingResources,
     status: OrderStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
@@ -89,14 +99,16 @@ async def list_orders(
     ] = None,
 ) -> Response:
     # docs/API.md: ignored for customers, whatever its value; for staff, empty means all.
-    if not who.is_admin or not customer_id:
+    if not caller.is_admin or not customer_id:
         customer_id = None
     elif len(customer_id) > 64 or "\x00" in customer_id:
         raise ValidationFailed(
             [{"field": "customer_id", "message": "1 to 64 characters, no NUL", "code": "customer_id"}]
         )
     before = parse_cursor(decode_order_cursor, cursor)
-    body = await service.list_orders(res, who, status=status, limit=limit, before=before, customer_id=customer_id)
+    body = await use_cases.list_orders(
+        res.unit_of_work(), caller, status=status, limit=limit, before=before, customer_id=customer_id
+    )
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -106,8 +118,8 @@ async def list_orders(
     summary="One order (owner or staff)",
     responses=problems(401, 404, 503),
 )
-async def get_order(order_id: str, who: CurrentCustomer, res: Res) -> Response:
-    doc = await service.get_order(res, who, parse_order_id(order_id))
+async def get_order(order_id: str, caller: CurrentCustomer, res: ServingResources) -> Response:
+    doc = await use_cases.get_order(res.unit_of_work(), caller, parse_order_id(order_id))
     return _order_response(doc, doc["version"])
 
 
@@ -117,8 +129,8 @@ async def get_order(order_id: str, who: CurrentCustomer, res: Res) -> Response:
     summary="The order's timeline, oldest first",
     responses=problems(401, 404, 503),
 )
-async def order_events(order_id: str, who: CurrentCustomer, res: Res) -> Response:
-    items = await service.order_events(res, who, parse_order_id(order_id))
+async def order_events(order_id: str, caller: CurrentCustomer, res: ServingResources) -> Response:
+    items = await use_cases.order_events(res.unit_of_work(), caller, parse_order_id(order_id))
     return Response(orjson.dumps({"items": items}), media_type="application/json")
 
 
@@ -130,14 +142,13 @@ async def order_events(order_id: str, who: CurrentCustomer, res: Res) -> Respons
     openapi_extra={"parameters": [IF_MATCH]},
 )
 async def cancel_order(
-    order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res
+    order_id: str, request: Request, background: BackgroundTasks, caller: CurrentCustomer, res: ServingResources
 ) -> Response:
     oid = parse_order_id(order_id)
-    doc, outbox_ids = await service.change_status(
-        res, who, oid, OrderStatus.CANCELLED, request.headers.get("if-match"), _request_id()
-    )
-    if outbox_ids:
-        background.add_task(res.relay.dispatch, outbox_ids)
+    uow = res.unit_of_work()
+    if_match = parse_if_match(request.headers.get("if-match"))
+    doc = await use_cases.change_status(uow, caller, oid, OrderStatus.CANCELLED, if_match, _request_id())
+    background.add_task(uow.dispatch)
     return _order_response(doc, doc["version"])
 
 
@@ -149,21 +160,20 @@ async def cancel_order(
     openapi_extra={**json_body(StatusChange), "parameters": [IF_MATCH]},
 )
 async def change_status(
-    order_id: str, request: Request, background: BackgroundTasks, who: CurrentCustomer, res: Res
+    order_id: str, request: Request, background: BackgroundTasks, caller: CurrentCustomer, res: ServingResources
 ) -> Response:
     raw_bytes = await request.body()
-    ensure_admin(who)
+    ensure_admin(caller)
     oid = parse_order_id(order_id)
+    uow = res.unit_of_work()
     try:
         change = validate(StatusChange, parse_json(raw_bytes))
     except ValidationFailed:
         # 404 wins over 422: say "no such order" when there is none.
-        if not await service.visible_order_exists(res, who, oid):
+        if not await use_cases.visible_order_exists(uow, caller, oid):
             raise NotFound("no such order") from None
         raise
-    doc, outbox_ids = await service.change_status(
-        res, who, oid, change.status, request.headers.get("if-match"), _request_id()
-    )
-    if outbox_ids:
-        background.add_task(res.relay.dispatch, outbox_ids)
+    if_match = parse_if_match(request.headers.get("if-match"))
+    doc = await use_cases.change_status(uow, caller, oid, change.status, if_match, _request_id())
+    background.add_task(uow.dispatch)
     return _order_response(doc, doc["version"])

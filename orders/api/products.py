@@ -9,13 +9,13 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from orders import service
 from orders.api.openapi import json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import CurrentCustomer, Res, ensure_admin, parse_cursor
+from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor
 from orders.domain.cursor import decode_sku_cursor
 from orders.errors import NotFound
 from orders.schemas import SKU_PATTERN, Product, ProductIn, ProductPage
+from orders.service import products as use_cases
 
 router = APIRouter(prefix="/v1/products", tags=["catalog"])
 
@@ -30,18 +30,18 @@ def _sku(sku: str) -> str:
 
 @router.get("", response_model=ProductPage, summary="The catalog, by SKU", responses=problems(422, 503))
 async def list_products(
-    res: Res,
+    res: ServingResources,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
     after = parse_cursor(decode_sku_cursor, cursor)
-    page = await service.list_products(res, after, limit)
+    page = await use_cases.list_products(res.unit_of_work(), after, limit)
     return Response(orjson.dumps(page), media_type="application/json")
 
 
 @router.get("/{sku}", response_model=Product, summary="One product (cached)", responses=problems(404, 503))
-async def get_product(sku: str, res: Res) -> Response:
-    doc = await service.get_product(res, _sku(sku))
+async def get_product(sku: str, res: ServingResources) -> Response:
+    doc = await use_cases.get_product(res.unit_of_work(), _sku(sku))
     return Response(orjson.dumps(doc), media_type="application/json")
 
 
@@ -53,10 +53,10 @@ async def get_product(sku: str, res: Res) -> Response:
     responses={**problems(401, 403, 404, 413, 422, 503), 201: {"description": "Created", "model": Product}},
     openapi_extra=json_body(ProductIn),
 )
-async def put_product(sku: str, request: Request, who: CurrentCustomer, res: Res) -> Response:
+async def put_product(sku: str, request: Request, caller: CurrentCustomer, res: ServingResources) -> Response:
     raw_bytes = await request.body()
-    ensure_admin(who)
+    ensure_admin(caller)
     sku = _sku(sku)
     product = validate(ProductIn, parse_json(raw_bytes))
-    doc, created = await service.put_product(res, sku, product.model_dump())
+    doc, created = await use_cases.put_product(res.unit_of_work(), sku, product.model_dump())
     return Response(orjson.dumps(doc), status_code=201 if created else 200, media_type="application/json")

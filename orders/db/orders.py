@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
+
+from orders.db.outbox import FAST_PATH_HEAD_START_S
 
 ORDER_COLUMNS = """
     o.id, o.customer_id, o.status, o.currency::text AS currency, o.email,
@@ -20,25 +22,18 @@ ITEMS_SUBQUERY = """
        FROM order_items i WHERE i.order_id = o.id) AS items
 """
 
-# A new order in one statement, after the claim: its reservation and everything it
-# writes. `customer` locks the customer's row of customer_pending first, always before
-# the product rows (CHANGE_SQL does the same), and says whether the customer is under
-# the cap of pending orders ($27, 0 for none); the count is the latest one, and the
-# triggers of migration 0002 add this order to it at the end of the statement. A
-# customer's concurrent orders thus go one at a time, and one at the cap takes no
-# product lock. `locked` takes the product rows' locks in SKU order ($23 is sorted)
-# before any line is updated, whatever plan the UPDATE gets (with a scan, the UPDATE
-# alone locks rows in physical order, and orders for the same hot SKUs deadlock: seen
-# with a two-product catalog), and returns their latest versions. Each line is reserved
-# when its stock suffices and its name, price and currency are still those of the
-# claim's snapshot the order was priced from; only when every line is does the rest get
-# written: the order, its items, its first event, its outbox rows and the idempotency
-# record with the answer to replay. Otherwise nothing is inserted and `room` / `short` /
-# `same_terms` say why; the caller rolls back (undoing the lines that were reserved).
-# The hot product rows stay locked for this statement and the COMMIT only. The
-# foreign-key checks of order_items run at the end of the statement, on rows this
-# transaction already holds (checked before the lock, other orders' updates would make
-# them multixacts: 30 ms of PostgreSQL CPU per order in a two-SKU rush).
+# A new order in one statement, after the claim (idempotency.CLAIM_SQL): its reservation
+# and everything it writes. Every writer takes its locks in one order (CHANGE_SQL too): the
+# customer's row of customer_pending first (`customer`, which also says whether the customer
+# is under the cap of pending orders; the triggers of migration 0002 count this order at
+# the end of the statement), then the product rows in SKU order (`locked`, MATERIALIZED, so
+# that no plan of the UPDATE locks them in another order and deadlocks). A line is reserved
+# only when its stock suffices and its name, price and currency are still those of the
+# snapshot the order was priced from; only when every line is does the rest get written
+# (order, items, event, outbox rows, idempotency record). Otherwise nothing is inserted,
+# `room` / `short` / `same_terms` say why and the caller rolls back. The foreign keys of
+# order_items are checked at the end of the statement, on rows this transaction already
+# holds. Measurements behind these choices: docs/PERFORMANCE.md, "What was tuned".
 PLACE_SQL = """
 WITH customer AS (
     INSERT INTO customer_pending AS c (customer_id, pending) VALUES ($2::text, 0)
@@ -94,6 +89,43 @@ SELECT (SELECT ok.ok FROM ok) AS placed,
 """
 
 
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows of `width` values as `width` columns (the arrays that unnest() joins again)."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+class PlaceParams(NamedTuple):
+    """The parameters of PLACE_SQL, in the order of their numbers."""
+
+    order_id: str  # $1
+    customer_id: str  # $2
+    currency: str  # $3
+    email: str  # $4
+    subtotal: int  # $5
+    total: int  # $6
+    shipping_address: dict[str, Any]  # $7
+    created_at: datetime  # $8: the transaction's timestamp, from the claim
+    item_positions: list[int]  # $9 .. $14: the order's items, in the client's order
+    item_skus: list[str]
+    item_names: list[str]
+    item_quantities: list[int]
+    item_unit_prices: list[int]
+    item_line_totals: list[int]
+    event_data: dict[str, Any]  # $15
+    outbox_delay_s: float  # $16
+    outbox_kinds: list[str]  # $17 .. $19: the outbox rows
+    outbox_topics: list[str]
+    outbox_payloads: list[dict[str, Any]]
+    idempotency_key: str  # $20
+    request_hash: bytes  # $21
+    response_body: bytes  # $22
+    term_skus: list[str]  # $23 .. $26: the terms the order was priced at, sorted by SKU
+    term_quantities: list[int]
+    term_names: list[str]
+    term_unit_prices: list[int]
+    max_pending: int  # $27: the customer's cap of pending orders (0: none)
+
+
 async def place(
     conn: asyncpg.Connection,
     *,
@@ -101,7 +133,6 @@ async def place(
     created_at: datetime,
     event_data: dict[str, Any],
     outbox: list[tuple[str, str, dict[str, Any]]],
-    relay_delay_s: float,
     idempotency_key: str,
     request_hash: bytes,
     response_body: bytes,
@@ -111,36 +142,36 @@ async def place(
     """`terms`: (sku, quantity, name, unit_price) of each line, sorted by SKU, as the
     order was priced; `max_pending`: the customer's cap of pending orders (0: none)."""
     items = order["items"]
-    row = await conn.fetchrow(
-        PLACE_SQL,
-        order["id"],
-        order["customer_id"],
-        order["currency"],
-        order["email"],
-        order["subtotal"],
-        order["total"],
-        order["shipping_address"],
-        created_at,
-        list(range(len(items))),
-        [i["sku"] for i in items],
-        [i["name"] for i in items],
-        [i["quantity"] for i in items],
-        [i["unit_price"] for i in items],
-        [i["line_total"] for i in items],
-        event_data,
-        relay_delay_s,
-        [o[0] for o in outbox],
-        [o[1] for o in outbox],
-        [o[2] for o in outbox],
-        idempotency_key,
-        request_hash,
-        response_body,
-        [t[0] for t in terms],
-        [t[1] for t in terms],
-        [t[2] for t in terms],
-        [t[3] for t in terms],
-        max_pending,
+    params = PlaceParams(
+        order_id=order["id"],
+        customer_id=order["customer_id"],
+        currency=order["currency"],
+        email=order["email"],
+        subtotal=order["subtotal"],
+        total=order["total"],
+        shipping_address=order["shipping_address"],
+        created_at=created_at,
+        item_positions=list(range(len(items))),
+        item_skus=[i["sku"] for i in items],
+        item_names=[i["name"] for i in items],
+        item_quantities=[i["quantity"] for i in items],
+        item_unit_prices=[i["unit_price"] for i in items],
+        item_line_totals=[i["line_total"] for i in items],
+        event_data=event_data,
+        outbox_delay_s=FAST_PATH_HEAD_START_S,
+        outbox_kinds=[o[0] for o in outbox],
+        outbox_topics=[o[1] for o in outbox],
+        outbox_payloads=[o[2] for o in outbox],
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        response_body=response_body,
+        term_skus=[t[0] for t in terms],
+        term_quantities=[t[1] for t in terms],
+        term_names=[t[2] for t in terms],
+        term_unit_prices=[t[3] for t in terms],
+        max_pending=max_pending,
     )
+    row = await conn.fetchrow(PLACE_SQL, *params)
     assert row is not None
     return row
 
@@ -230,6 +261,21 @@ SELECT c.version, c.updated_at,
 """
 
 
+class ChangeParams(NamedTuple):
+    """The parameters of CHANGE_SQL, in the order of their numbers."""
+
+    order_id: UUID  # $1
+    status: str  # $2
+    event_type: str  # $3
+    actor: str  # $4
+    event_data: dict[str, Any]  # $5
+    release_stock: bool  # $6
+    outbox_delay_s: float  # $7
+    outbox_kinds: list[str]  # $8 .. $10: the outbox rows
+    outbox_topics: list[str]
+    outbox_payloads: list[dict[str, Any]]
+
+
 async def change_status(
     conn: asyncpg.Connection,
     order_id: UUID,
@@ -240,21 +286,12 @@ async def change_status(
     event_data: dict[str, Any],
     release_stock: bool,
     outbox: list[tuple[str, str, dict[str, Any]]],
-    relay_delay_s: float,
 ) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        CHANGE_SQL,
-        order_id,
-        status,
-        event_type,
-        actor,
-        event_data,
-        release_stock,
-        relay_delay_s,
-        [o[0] for o in outbox],
-        [o[1] for o in outbox],
-        [o[2] for o in outbox],
+    # In field order; the keyword parameters above carry the names.
+    params = ChangeParams(
+        order_id, status, event_type, actor, event_data, release_stock, FAST_PATH_HEAD_START_S, *_columns(outbox, 3)
     )
+    row = await conn.fetchrow(CHANGE_SQL, *params)
     assert row is not None
     return row
 

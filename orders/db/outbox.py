@@ -11,6 +11,10 @@ import asyncpg
 
 ROW = "id, order_id, kind, topic, payload, attempts"
 
+# A new row is due this long after its commit: until then the relay leaves it to the
+# request that wrote it (its BackgroundTask dispatches it at once).
+FAST_PATH_HEAD_START_S = 5.0
+
 CLAIM_IDS_SQL = f"""
 UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), attempts = attempts + 1
  WHERE id = ANY($1::bigint[]) AND status = 'pending'

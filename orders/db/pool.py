@@ -58,7 +58,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 async def keep_session(conn: asyncpg.Connection) -> None:
     """Release to the pool without asyncpg's default reset query (`pg_advisory_unlock_all();
-    CLOSE ALL; UNLISTEN *; RESET ALL;`): one round trip less per acquire (four per order).
+    CLOSE ALL; UNLISTEN *; RESET ALL;`): one round trip less per acquire.
     asyncpg still rolls back a transaction left open before calling this. Safe because
     nothing leaves session state on a pooled connection: advisory locks are transaction
     scoped, nothing LISTENs, cursors live in transactions, and settings are given at connect

@@ -9,7 +9,7 @@
   one claim, one SMTP session and one "sent" statement) and runs up to
   `ORDERS_RELAY_CONCURRENCY` batches at a time. Under saturation every SMTP command
   waits for a full turn of a busy event loop, so a few sessions alone fall far behind
-  (4 sessions: 11 000 rows left after a 15 s bench run; 16: 3 700, see PERFORMANCE.md).
+  (docs/PERFORMANCE.md).
 * The relay loop claims due rows with FOR UPDATE SKIP LOCKED plus a lease, so replicas
   share the work without sending a row twice. A failed row backs off exponentially, up
   to `ORDERS_RELAY_BACKOFF_MAX_S`. Transient failures (the network, timeouts, 4xx
@@ -38,6 +38,7 @@ import asyncpg
 import structlog
 
 from orders.db import idempotency, outbox
+from orders.db.outbox import FAST_PATH_HEAD_START_S
 from orders.db.pool import connection
 from orders.notify.email import Mailer, render
 from orders.observability import NOTIFICATIONS_FAILED, NOTIFICATIONS_PENDING, NOTIFICATIONS_SENT, RELAY_LAG
@@ -46,8 +47,6 @@ from orders.settings import Settings
 log = structlog.get_logger("orders.notify")
 audit_log = structlog.get_logger("audit")
 
-# The relay leaves a new row to its request's BackgroundTask for this long.
-FAST_PATH_HEAD_START_S = 5.0
 DISPATCH_LINGER_S = 0.05
 BACKPRESSURE_LOG_S = 5.0
 BACKOFF_BASE_S = 1.0
@@ -108,7 +107,9 @@ class Relay:
 
     # -- fast path -------------------------------------------------------------
 
-    async def dispatch(self, ids: list[int]) -> None:
+    def dispatch(self, ids: list[int]) -> None:
+        """Queue committed rows for the dispatcher (a request's BackgroundTask, through
+        its unit of work); never waits."""
         if not ids:
             return
         if self._stopping.is_set() or len(self._queue) + len(ids) > self._queue_max:
@@ -255,8 +256,8 @@ class Relay:
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
                 await outbox.mark_retry(conn, [r["id"] for r in rows], errors, delays, give_ups)
-        except Exception as exc2:  # the leases expire and the rows are retried anyway
-            log.warning("notify_mark_retry_failed", error=type(exc2).__name__, rows=len(rows))
+        except Exception as record_error:  # the leases expire and the rows are retried anyway
+            log.warning("notify_mark_retry_failed", error=type(record_error).__name__, rows=len(rows))
 
     # -- the relay loop ----------------------------------------------------------
 
@@ -282,9 +283,8 @@ class Relay:
 
     async def run_once(self, *, ahead_s: float = 0.0) -> tuple[int, int]:
         """One pass: deliver a batch of due rows; returns (claimed, delivered)."""
-        s = self.settings
-        async with connection(self.pool, s.db_acquire_timeout_s) as conn:
-            rows = await outbox.claim_due(conn, s.relay_batch, s.relay_lease_s, ahead_s)
+        async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
+            rows = await outbox.claim_due(conn, self.settings.relay_batch, self.settings.relay_lease_s, ahead_s)
         delivered = await self._deliver_all(rows)
         if self.replay_invalidations is not None:
             await self.replay_invalidations()
@@ -312,16 +312,16 @@ class Relay:
         RETENTION_BATCH rows per statement (each its own short transaction) until a batch
         comes back short. Replicas skip each other's locked rows, so they share the work.
         Returns the rows deleted by table."""
-        s = self.settings
+        settings = self.settings
         purges = {
-            "outbox": lambda conn: outbox.purge_sent(conn, s.outbox_retention_h, RETENTION_BATCH),
-            "idempotency_keys": lambda conn: idempotency.purge(conn, s.idempotency_retention_h, RETENTION_BATCH),
+            "outbox": lambda conn: outbox.purge_sent(conn, settings.outbox_retention_h, RETENTION_BATCH),
+            "idempotency_keys": lambda conn: idempotency.purge(conn, settings.idempotency_retention_h, RETENTION_BATCH),
         }
         purged = dict.fromkeys(purges, 0)
         for table, purge in purges.items():
             deleted = RETENTION_BATCH
             while deleted == RETENTION_BATCH and not self._stopping.is_set():
-                async with connection(self.pool, s.db_acquire_timeout_s) as conn:
+                async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
                     deleted = await purge(conn)
                 purged[table] += deleted
         if any(purged.values()):

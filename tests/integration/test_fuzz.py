@@ -232,7 +232,7 @@ def test_nul_in_query_parameters_and_cursors_is_a_422(st_client: Any) -> None:
 def test_a_token_whose_subject_holds_nul_is_refused_not_a_500(st_client: Any) -> None:
     """Such a `sub` cannot be stored as a customer id. (401 would be the better answer:
     auth.py could refuse it with the other malformed subjects; until then, the net in
-    errors.py makes it a 422.)"""
+    api/problems.py makes it a 422.)"""
     bad = token("cust\x00fuzz")
     r = st_client.get("/v1/orders", headers={"Authorization": f"Bearer {bad}"})
     assert r.status_code in (401, 422) and r.headers["content-type"] == "application/problem+json"

@@ -18,7 +18,9 @@ import asyncpg
 import httpx
 import pytest
 
-from orders import service
+from orders.db import idempotency as idempotency_queries
+from orders.db import orders as order_queries
+from orders.db import products as product_queries
 from orders.dev.postgres import EmbeddedPostgres
 from orders.dev.process import free_port
 from tests.conftest import ADMIN, auth, make_product, new_key, order_body, place, running_app, wait_for
@@ -166,18 +168,18 @@ async def test_connection_dying_before_commit_is_503_and_commits_nothing(make_se
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=10)
         customer = "cust-pg-commit"
-        real_place = service.orders.place
+        real_place = order_queries.place
 
         async def place_then_die(conn: Any, **kw: Any) -> Any:
             result = await real_place(conn, **kw)
             await _kill_backend_of(conn, database_url)
             return result
 
-        monkeypatch.setattr(service.orders, "place", place_then_die)
+        monkeypatch.setattr(order_queries, "place", place_then_die)
         key = new_key()
         r = await place(client, customer, (sku, 2), key=key)
         assert_unavailable(r)
-        monkeypatch.setattr(service.orders, "place", real_place)
+        monkeypatch.setattr(order_queries, "place", real_place)
         assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 10
         assert (await client.get("/v1/orders", headers=auth(customer))).json()["items"] == []
         r = await place(client, customer, (sku, 2), key=key)
@@ -191,17 +193,17 @@ async def test_connection_dying_before_rollback_is_503(make_settings, database_u
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=1)
         customer = "cust-pg-rollback"
-        real_claim = service.idempotency.claim
+        real_claim = idempotency_queries.claim
 
         async def claim_then_die(conn: Any, *a: Any) -> Any:
             row = await real_claim(conn, *a)
             await _kill_backend_of(conn, database_url)
             return row  # stock is short: the service raises 409 and rolls back
 
-        monkeypatch.setattr(service.idempotency, "claim", claim_then_die)
+        monkeypatch.setattr(idempotency_queries, "claim", claim_then_die)
         r = await place(client, customer, (sku, 5))
         assert_unavailable(r)
-        monkeypatch.setattr(service.idempotency, "claim", real_claim)
+        monkeypatch.setattr(idempotency_queries, "claim", real_claim)
         assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 1
 
 
@@ -210,17 +212,17 @@ async def test_connection_dying_in_a_status_change_is_503(make_settings, databas
         sku = await make_product(client, stock=3)
         customer = "cust-pg-change"
         order = (await place(client, customer, (sku, 1))).json()
-        real_change = service.orders.change_status
+        real_change = order_queries.change_status
 
         async def change_then_die(conn: Any, *a: Any, **kw: Any) -> Any:
             row = await real_change(conn, *a, **kw)
             await _kill_backend_of(conn, database_url)
             return row
 
-        monkeypatch.setattr(service.orders, "change_status", change_then_die)
+        monkeypatch.setattr(order_queries, "change_status", change_then_die)
         r = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
         assert_unavailable(r)
-        monkeypatch.setattr(service.orders, "change_status", real_change)
+        monkeypatch.setattr(order_queries, "change_status", real_change)
         got = await client.get(f"/v1/orders/{order['id']}", headers=auth(customer))
         assert got.json()["status"] == "pending" and got.json()["version"] == 1
         r = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
@@ -230,7 +232,7 @@ async def test_connection_dying_in_a_status_change_is_503(make_settings, databas
 async def test_a_read_whose_connection_dies_is_retried_once(make_settings, database_url, monkeypatch):
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:", redis_url=None)) as client:
         sku = await make_product(client, stock=3)
-        real_get = service.products.get
+        real_get = product_queries.get
         calls = 0
 
         async def die_once(conn: Any, s: str) -> Any:
@@ -240,7 +242,7 @@ async def test_a_read_whose_connection_dies_is_retried_once(make_settings, datab
                 await _kill_backend_of(conn, database_url)
             return await real_get(conn, s)
 
-        monkeypatch.setattr(service.products, "get", die_once)
+        monkeypatch.setattr(product_queries, "get", die_once)
         r = await client.get(f"/v1/products/{sku}")
         assert r.status_code == 200 and r.json()["sku"] == sku
         assert calls == 2
@@ -252,7 +254,7 @@ async def test_a_read_whose_connection_dies_is_retried_once(make_settings, datab
             return await real_get(conn, s)
 
         calls = 0
-        monkeypatch.setattr(service.products, "get", always_dies)
+        monkeypatch.setattr(product_queries, "get", always_dies)
         assert_unavailable(await client.get(f"/v1/products/{sku}"))
         assert calls == 2  # once, and once more: no more
 
@@ -260,7 +262,7 @@ async def test_a_read_whose_connection_dies_is_retried_once(make_settings, datab
 async def test_writes_are_not_retried(make_settings, database_url, monkeypatch):
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=3)
-        real_place = service.orders.place
+        real_place = order_queries.place
         calls = 0
 
         async def die(conn: Any, **kw: Any) -> Any:
@@ -269,7 +271,7 @@ async def test_writes_are_not_retried(make_settings, database_url, monkeypatch):
             await _kill_backend_of(conn, database_url)
             return await real_place(conn, **kw)
 
-        monkeypatch.setattr(service.orders, "place", die)
+        monkeypatch.setattr(order_queries, "place", die)
         r = await client.post(
             "/v1/orders", headers={**auth("cust-pg-noretry"), "Idempotency-Key": new_key()}, json=order_body((sku, 1))
         )

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from orders import service
 from orders.cache import Cache, CircuitBreaker, order_key, product_key
+from orders.db import orders as order_queries
+from orders.db import products as product_queries
 from orders.dev.redis import EmbeddedRedis
 from tests.conftest import auth, make_product, place, running_app, wait_for
 
@@ -286,14 +287,14 @@ async def test_fill_race_never_leaves_a_stale_entry(replicas, redis_url, monkeyp
     so that they really overlap the commit) race one cancel; a GET 0.3 s later and
     the raw entry are never stale."""
     one, two, prefix = replicas
-    real_get = service.orders.get
+    real_get = order_queries.get
 
     async def slow_get(conn: Any, order_id: Any) -> Any:
         row = await real_get(conn, order_id)
         await asyncio.sleep(secrets.randbelow(30) / 1000)  # the window of the race
         return row
 
-    monkeypatch.setattr(service.orders, "get", slow_get)
+    monkeypatch.setattr(order_queries, "get", slow_get)
     sku = await make_product(one, stock=1000)
     customer = "cust-fill-race"
     r = aioredis.Redis.from_url(redis_url)
@@ -337,7 +338,7 @@ async def test_a_read_that_starts_after_a_change_never_joins_an_older_load(make_
         sku = await make_product(client, stock=10)
         customer = "cust-flight"
         order = (await place(client, customer, (sku, 1))).json()
-        real_get = service.orders.get
+        real_get = order_queries.get
         gate = asyncio.Event()
 
         async def held_get(conn: Any, order_id: Any) -> Any:
@@ -345,10 +346,10 @@ async def test_a_read_that_starts_after_a_change_never_joins_an_older_load(make_
             await gate.wait()  # the first load holds the old row until released
             return row
 
-        monkeypatch.setattr(service.orders, "get", held_get)
+        monkeypatch.setattr(order_queries, "get", held_get)
         early = asyncio.ensure_future(client.get(f"/v1/orders/{order['id']}", headers=auth(customer)))
         await asyncio.sleep(0.1)
-        monkeypatch.setattr(service.orders, "get", real_get)
+        monkeypatch.setattr(order_queries, "get", real_get)
         cancel = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
         assert cancel.status_code == 200
         late = asyncio.ensure_future(client.get(f"/v1/orders/{order['id']}", headers=auth(customer)))
@@ -372,7 +373,7 @@ async def test_concurrent_misses_of_one_key_load_once(replicas, redis_url, monke
     finally:
         await r.aclose()
     calls = {"order": 0, "product": 0}
-    real_order, real_product = service.orders.get, service.products.get
+    real_order, real_product = order_queries.get, product_queries.get
 
     async def counting_order(conn: Any, order_id: Any) -> Any:
         calls["order"] += 1
@@ -384,8 +385,8 @@ async def test_concurrent_misses_of_one_key_load_once(replicas, redis_url, monke
         await asyncio.sleep(0.3)
         return await real_product(conn, s)
 
-    monkeypatch.setattr(service.orders, "get", counting_order)
-    monkeypatch.setattr(service.products, "get", counting_product)
+    monkeypatch.setattr(order_queries, "get", counting_order)
+    monkeypatch.setattr(product_queries, "get", counting_product)
     results = await asyncio.gather(
         *(client.get(f"/v1/orders/{order['id']}", headers=auth(customer)) for _ in range(40)),
         *(client.get(f"/v1/products/{sku}") for _ in range(40)),
@@ -402,7 +403,7 @@ async def test_a_failed_load_fails_its_waiters_and_is_not_cached(client, monkeyp
     customer = "cust-failed-load"
     order = (await place(client, customer, (sku, 1))).json()
     await client.app.state.res.cache.redis.delete(order_key(client.app.state.res.cache.prefix, order["id"]))
-    real = service.orders.get
+    real = order_queries.get
     calls = 0
 
     async def failing(conn: Any, order_id: Any) -> Any:
@@ -411,13 +412,13 @@ async def test_a_failed_load_fails_its_waiters_and_is_not_cached(client, monkeyp
         await asyncio.sleep(0.05)
         raise ConnectionResetError("connection lost")
 
-    monkeypatch.setattr(service.orders, "get", failing)
+    monkeypatch.setattr(order_queries, "get", failing)
     results = await asyncio.gather(
         *(client.get(f"/v1/orders/{order['id']}", headers=auth(customer)) for _ in range(10))
     )
     assert [r.status_code for r in results] == [503] * 10
     assert all(r.headers["content-type"] == "application/problem+json" and "retry-after" in r.headers for r in results)
-    monkeypatch.setattr(service.orders, "get", real)
+    monkeypatch.setattr(order_queries, "get", real)
     ok = await client.get(f"/v1/orders/{order['id']}", headers=auth(customer))
     assert ok.status_code == 200
 
@@ -540,7 +541,7 @@ async def test_a_long_outage_is_replayed_whole_before_reads_trust_redis_again(
                 for key in keys:
                     pipe.set(key, b'1|{"stale": true}', ex=300)
                 await pipe.execute()
-            await res.cache.record_failure([(key, 2) for key in keys])
+            await res.cache.invalidations.record([(key, 2) for key in keys])
             res.cache.breaker.cooldown_s = 0.1
             res.cache.breaker.failure()  # as after an outage
             await asyncio.sleep(0.15)

@@ -9,6 +9,7 @@ from pathlib import Path
 from starlette.routing import Route
 
 from orders import errors
+from orders.api.problems import INTERNAL, PROBLEM_TYPES, problem_type
 from orders.app import create_app
 from orders.settings import Settings
 
@@ -30,19 +31,33 @@ def test_every_setting_the_code_reads_is_in_the_settings_tables():
     assert not documented - in_code, f"docs/API.md documents settings the code never reads: {sorted(documented - in_code)}"
 
 
-def _problem_types() -> set[tuple[int, str]]:
-    found, todo = set(), [errors.Problem]
+def _exception_classes() -> list[type[errors.OrdersError]]:
+    import orders.db.pool  # noqa: F401  (ConnectionLost)
+
+    found, todo = [], [errors.OrdersError]
     while todo:
         cls = todo.pop()
-        found.add((cls.status, cls.slug))
+        found.append(cls)
         todo += cls.__subclasses__()
     return found
+
+
+def _problem_types() -> set[tuple[int, str]]:
+    return {(t.status, t.slug) for t in PROBLEM_TYPES.values()}
+
+
+def test_every_exception_of_the_service_answers_a_problem_type_of_its_own():
+    """A new exception class left out of orders/api/problems.py would answer a bare 500."""
+    unmapped = [
+        cls.__name__ for cls in _exception_classes()[1:] if problem_type(cls.__new__(cls)) is INTERNAL
+    ]
+    assert not unmapped, f"exceptions without a problem type: {unmapped}"
 
 
 def test_the_problem_tables_list_every_problem_type():
     errors_table = {(int(status), slug) for status, slug in re.findall(r"^\| (\d{3}) \| `([a-z-]+)` \|", DOC, re.M)}
     guide_table = {(int(status), slug) for slug, status in re.findall(r"^\| `([a-z-]+)` \((\d{3})\) \|", DOC, re.M)}
-    # The Problem classes, and the framework's own errors that can reach a client: an
+    # The problem types of the service's exceptions, and the framework's own errors that can reach a client: an
     # unknown path or method, a refused CORS preflight.
     raised = _problem_types() | {(404, "not-found"), (405, "method-not-allowed"), (400, "bad-request")}
     assert raised <= errors_table, f"missing from the Errors table: {sorted(raised - errors_table)}"

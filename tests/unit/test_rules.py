@@ -8,10 +8,11 @@ import email.policy
 import pytest
 from pydantic import ValidationError
 
+from orders.api.preconditions import parse_if_match
 from orders.domain.money import MINOR_UNITS, format_money, is_currency
 from orders.notify.email import render
 from orders.notify.outbox import email_row, message_id
-from orders.service import _if_match_ok, request_fingerprint
+from orders.service.orders import request_fingerprint
 from orders.settings import Settings, check_secret
 
 STRONG = "unit-test-only-secret-0123456789-abcdef"
@@ -68,10 +69,12 @@ def test_cors_origins_are_a_comma_separated_list():
     [
         (None, 3, True), ('"3"', 3, True), ('W/"3"', 3, True), ("*", 3, True),
         ('"2", "3"', 3, True), ('"2"', 3, False), ("3", 3, False), ('W/"4"', 3, False), ("", 3, False),
+        ('"03"', 3, False), ('"x"', 3, False), ('"2", *', 3, True), ('""', 3, False),
     ],
 )
 def test_if_match(header, version, ok):
-    assert _if_match_ok(header, version) is ok
+    accepted = parse_if_match(header)
+    assert (accepted is None or version in accepted) is ok
 
 
 def test_request_fingerprint_ignores_key_order_not_values():

@@ -1,5 +1,8 @@
-"""Use cases. Each owns one transaction: everything it writes commits together or not
-at all; the cache and the outbox delivery are acted on only after the commit."""
+"""Use cases of orders: place, change status (cancel included), read, list, timeline.
+
+A write is one transaction of its unit of work: everything it writes commits together or
+not at all, and the cache and the outbox delivery are acted on only after the commit.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +19,9 @@ import structlog
 
 from orders.auth import Principal
 from orders.cache import order_key, product_key
-from orders.db import idempotency, orders, products
-from orders.db.pool import connection, read
-from orders.documents import order_doc, product_doc, rfc3339
-from orders.domain.cursor import encode_order_cursor, encode_sku_cursor
-from orders.domain.money import PricedLine, order_totals
+from orders.documents import order_doc, rfc3339
+from orders.domain.cursor import encode_order_cursor
+from orders.domain.pricing import CatalogEntry, price_order
 from orders.domain.status import NOTIFYING, OrderStatus, can_transition, event_type
 from orders.errors import (
     IdempotencyInProgress,
@@ -31,13 +32,12 @@ from orders.errors import (
     PreconditionFailed,
     TooManyPendingOrders,
     Unavailable,
-    UnknownSku,
     ValidationFailed,
 )
 from orders.notify.outbox import audit_row, email_row
-from orders.notify.relay import FAST_PATH_HEAD_START_S
-from orders.resources import Resources
+from orders.ratelimit import RateLimiter
 from orders.schemas import OrderCreate
+from orders.service.unit_of_work import UnitOfWork
 
 log = structlog.get_logger("orders.service")
 
@@ -51,7 +51,6 @@ class Placed:
     order_id: str
     version: int
     replayed: bool
-    outbox_ids: list[int]
 
 
 def request_fingerprint(raw: Any) -> bytes:
@@ -64,7 +63,7 @@ def _replay(record: asyncpg.Record, fingerprint: bytes) -> Placed:
         raise IdempotencyKeyReuse("this Idempotency-Key was used with a different request body")
     body = bytes(record["response_body"])
     doc = orjson.loads(body)
-    return Placed(record["status_code"], body, doc["id"], doc["version"], True, [])
+    return Placed(record["status_code"], body, doc["id"], doc["version"], True)
 
 
 class CatalogChanged(Exception):
@@ -73,23 +72,27 @@ class CatalogChanged(Exception):
 
 
 async def place_order(
-    res: Resources,
-    who: Principal,
+    uow: UnitOfWork,
+    limiter: RateLimiter,
+    caller: Principal,
     key: str,
     raw: Any,
     req: OrderCreate,
     request_id: str | None,
+    *,
+    max_pending: int,
 ) -> Placed:
+    """`raw`: the body as parsed JSON (its fingerprint guards the key); `max_pending`: the
+    customer's cap of pending orders (0: none)."""
     fingerprint = request_fingerprint(raw)
     # Sorted, so that concurrent orders lock product rows in one order.
     lines = sorted(req.items, key=lambda line: line.sku)
     skus = [line.sku for line in lines]
-    timeout = res.settings.db_acquire_timeout_s
     counted = False
     for attempt in range(PLACE_ATTEMPTS):
         try:
-            async with connection(res.pool, timeout) as conn, conn.transaction():
-                claim = await idempotency.claim(conn, who.customer_id, key, skus)
+            async with uow.transaction() as conn:
+                claim = await uow.idempotency.claim(conn, caller.customer_id, key, skus)
                 stored = claim["request_hash"] is not None
                 # A replay answers exactly what the first request answered, even if the
                 # catalog has changed currencies since; any other request is validated.
@@ -106,16 +109,14 @@ async def place_order(
                     )
                 if not counted:  # once per request, whatever the attempts
                     counted = True
-                    await res.limiter.check(who.customer_id)
+                    await limiter.check(caller.customer_id)
                 # docs/API.md: replay, then idempotency-key-reuse, then idempotency-in-progress.
                 # A stored answer is committed: it holds whoever has the key's lock now.
                 if stored:
                     return _replay(claim, fingerprint)
                 if not claim["locked"]:
                     raise IdempotencyInProgress()
-                cap = res.settings.max_pending_orders_per_customer
-                placed, order, reserved = await _place(conn, who, key, fingerprint, req, lines, claim, request_id, cap)
-            break
+                return await _place(uow, conn, caller, key, fingerprint, req, lines, claim, request_id, max_pending)
         except (asyncpg.DeadlockDetectedError, CatalogChanged) as exc:
             # Product rows are locked in SKU order, so a deadlock should not happen; a
             # price changed by staff meanwhile may. Either way the transaction rolled back.
@@ -126,20 +127,16 @@ async def place_order(
             if exc.table_name != "idempotency_keys":
                 raise
             # Another request with this key committed between our lookup and our insert.
-            record = await read(res.pool, timeout, lambda conn: idempotency.lookup(conn, who.customer_id, key))
+            record = await uow.read(lambda conn: uow.idempotency.lookup(conn, caller.customer_id, key))
             assert record is not None
             return _replay(record, fingerprint)
-    structlog.contextvars.bind_contextvars(order_id=placed.order_id)
-    await res.cache.apply(
-        [(order_key(res.cache.prefix, placed.order_id), 1, order)]
-        + [(product_key(res.cache.prefix, sku), version, None) for sku, version in reserved]
-    )
-    return placed
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def _place(
+    uow: UnitOfWork,
     conn: asyncpg.Connection,
-    who: Principal,
+    caller: Principal,
     key: str,
     fingerprint: bytes,
     req: OrderCreate,
@@ -147,7 +144,7 @@ async def _place(
     claim: asyncpg.Record,
     request_id: str | None,
     max_pending: int,
-) -> tuple[Placed, dict[str, Any], list[tuple[str, int]]]:
+) -> Placed:
     """Price the order from the claim's snapshot of the catalog, then reserve and write
     it in one statement (orders.PLACE_SQL)."""
     # docs/API.md: the cap is the first business outcome. Refused at once when the claim's
@@ -155,29 +152,18 @@ async def _place(
     if max_pending and (claim["pending"] or 0) >= max_pending:
         raise _too_many_pending(max_pending)
     catalog = {
-        sku: (name, price, stock)
+        sku: CatalogEntry(name, price, stock)
         for sku, name, price, stock in zip(
             claim["skus"] or [], claim["names"] or [], claim["unit_prices"] or [], claim["stocks"] or [], strict=True
         )
     }
-    # Decided on the snapshot when it already says no (stock only grows by a cancel).
-    short = sorted(line.sku for line in lines if line.sku in catalog and catalog[line.sku][2] < line.quantity)
-    if short:
-        raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=short)
-    unknown = sorted(line.sku for line in lines if line.sku not in catalog)
-    if unknown:
-        raise UnknownSku("some SKUs are not in the catalog", skus=unknown)
-    currency: str = claim["currency"]
-    priced = [
-        PricedLine(line.sku, catalog[line.sku][0], line.quantity, catalog[line.sku][1], currency)
-        for line in req.items  # the client's order of lines
-    ]
-    totals = order_totals(priced)
+    priced = price_order(catalog, claim["currency"], req.items)  # the client's order of lines
+    totals = priced.totals
     now = claim["now"]  # the transaction's timestamp
     order = order_doc(
         {
             "id": uuid.uuid4(),
-            "customer_id": who.customer_id,
+            "customer_id": caller.customer_id,
             "status": OrderStatus.PENDING.value,
             "currency": totals.currency,
             "email": str(req.email),
@@ -196,25 +182,24 @@ async def _place(
                 "unit_price": p.unit_price,
                 "line_total": p.line_total,
             }
-            for p in priced
+            for p in priced.lines
         ],
     )
     body = orjson.dumps(order)
     after = {"status": "pending", "version": 1, "total": totals.total, "currency": totals.currency}
-    row = await orders.place(
+    row = await uow.orders.place(
         conn,
         order=order,
         created_at=now,
         event_data={"status": "pending", "total": totals.total, "currency": totals.currency},
         outbox=[
             email_row(order, "created", request_id),
-            audit_row("order.created", who.customer_id, None, after, request_id),
+            audit_row("order.created", caller.customer_id, None, after, request_id),
         ],
-        relay_delay_s=FAST_PATH_HEAD_START_S,
         idempotency_key=key,
         request_hash=fingerprint,
         response_body=body,
-        terms=[(line.sku, line.quantity, catalog[line.sku][0], catalog[line.sku][1]) for line in lines],
+        terms=[(line.sku, line.quantity, catalog[line.sku].name, catalog[line.sku].unit_price) for line in lines],
         max_pending=max_pending,
     )
     if not row["placed"]:
@@ -223,8 +208,12 @@ async def _place(
         if not row["same_terms"]:
             raise CatalogChanged()
         raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=list(row["short"] or []))
-    reserved = list(zip(row["reserved_skus"], row["reserved_versions"], strict=True))
-    return Placed(201, body, order["id"], 1, False, list(row["outbox_ids"] or [])), order, reserved
+    structlog.contextvars.bind_contextvars(order_id=order["id"])
+    uow.cache_write(order_key(uow.cache.prefix, order["id"]), 1, order)
+    for sku, version in zip(row["reserved_skus"], row["reserved_versions"], strict=True):
+        uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
+    uow.dispatch_later(list(row["outbox_ids"] or []))
+    return Placed(201, body, order["id"], 1, False)
 
 
 def _too_many_pending(max_pending: int) -> TooManyPendingOrders:
@@ -234,39 +223,26 @@ def _too_many_pending(max_pending: int) -> TooManyPendingOrders:
     )
 
 
-def _if_match_ok(if_match: str | None, version: int) -> bool:
-    if if_match is None:
-        return True
-    for tag in if_match.split(","):
-        tag = tag.strip()
-        if tag == "*":
-            return True
-        if tag.startswith("W/"):
-            tag = tag[2:]
-        if tag == f'"{version}"':
-            return True
-    return False
-
-
-async def visible_order_exists(res: Resources, who: Principal, order_id: UUID) -> bool:
-    row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.owner(conn, order_id))
-    return row is not None and who.can_see(row)
+async def visible_order_exists(uow: UnitOfWork, caller: Principal, order_id: UUID) -> bool:
+    owner = await uow.read(lambda conn: uow.orders.owner(conn, order_id))
+    return owner is not None and caller.can_see(owner)
 
 
 async def change_status(
-    res: Resources,
-    who: Principal,
+    uow: UnitOfWork,
+    caller: Principal,
     order_id: UUID,
     target: OrderStatus,
-    if_match: str | None,
+    if_match: frozenset[int] | None,
     request_id: str | None,
-) -> tuple[dict[str, Any], list[int]]:
-    """Move an order to `target` (cancel included): 404, 412, 409 or the new order."""
-    async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn, conn.transaction():
-        row = await orders.get_for_update(conn, order_id)
-        if row is None or not who.can_see(row["customer_id"]):
+) -> dict[str, Any]:
+    """Move an order to `target` (cancel included): 404, 412, 409 or the new order.
+    `if_match`: the versions the client accepts (None: any)."""
+    async with uow.transaction() as conn:
+        row = await uow.orders.get_for_update(conn, order_id)
+        if row is None or not caller.can_see(row["customer_id"]):
             raise NotFound("no such order")
-        if not _if_match_ok(if_match, row["version"]):
+        if if_match is not None and row["version"] not in if_match:
             raise PreconditionFailed(f'the order is at version "{row["version"]}"')
         current = OrderStatus(row["status"])
         if not can_transition(current, target):
@@ -274,7 +250,7 @@ async def change_status(
                 f"an order that is {current.value} cannot become {target.value}",
                 current_status=current.value,
             )
-        actor = who.customer_id
+        actor = caller.customer_id
         before = {"status": current.value, "version": row["version"]}
         after = {"status": target.value, "version": row["version"] + 1}
         doc = order_doc(row)
@@ -283,7 +259,7 @@ async def change_status(
         outbox_rows = [audit_row(event_type(target), actor, before, after, request_id)]
         if target in NOTIFYING:
             outbox_rows.append(email_row(doc, target.value, request_id))
-        result = await orders.change_status(
+        result = await uow.orders.change_status(
             conn,
             order_id,
             status=target.value,
@@ -292,66 +268,30 @@ async def change_status(
             event_data={"from": current.value, "to": target.value},
             release_stock=target is OrderStatus.CANCELLED,
             outbox=outbox_rows,
-            relay_delay_s=FAST_PATH_HEAD_START_S,
         )
         doc["updated_at"] = rfc3339(result["updated_at"])
-        outbox_ids = list(result["outbox_ids"] or [])
-    structlog.contextvars.bind_contextvars(order_id=str(order_id))
-    released = result["released"] or []
-    await res.cache.apply(
-        [(order_key(res.cache.prefix, order_id), doc["version"], doc)]
-        + [(product_key(res.cache.prefix, sku), version, None) for sku, version in released]
-    )
-    return doc, outbox_ids
+        structlog.contextvars.bind_contextvars(order_id=str(order_id))
+        uow.cache_write(order_key(uow.cache.prefix, order_id), doc["version"], doc)
+        for sku, version in result["released"] or []:
+            uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
+        uow.dispatch_later(list(result["outbox_ids"] or []))
+    return doc
 
 
-async def get_order(res: Resources, who: Principal, order_id: UUID) -> dict[str, Any]:
-    key = order_key(res.cache.prefix, order_id)
-
+async def get_order(uow: UnitOfWork, caller: Principal, order_id: UUID) -> dict[str, Any]:
     async def load() -> tuple[int, dict[str, Any]] | None:
-        row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.get(conn, order_id))
+        row = await uow.read(lambda conn: uow.orders.get(conn, order_id))
         return None if row is None else (row["version"], order_doc(row))
 
-    doc = await res.cache.get_or_load(key, load)
-    if doc is None or not who.can_see(doc["customer_id"]):
+    doc = await uow.cache.get_or_load(order_key(uow.cache.prefix, order_id), load)
+    if doc is None or not caller.can_see(doc["customer_id"]):
         raise NotFound("no such order")
     return doc
 
 
-async def get_product(res: Resources, sku: str) -> dict[str, Any]:
-    key = product_key(res.cache.prefix, sku)
-
-    async def load() -> tuple[int, dict[str, Any]] | None:
-        row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: products.get(conn, sku))
-        return None if row is None else (row["version"], product_doc(row))
-
-    doc = await res.cache.get_or_load(key, load)
-    if doc is None:
-        raise NotFound("no such product")
-    return doc
-
-
-async def put_product(res: Resources, sku: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    async with connection(res.pool, res.settings.db_acquire_timeout_s) as conn, conn.transaction():
-        row = await products.upsert(conn, sku, fields)
-    doc = product_doc(row)
-    await res.cache.apply([(product_key(res.cache.prefix, sku), row["version"], doc)])
-    return doc, bool(row["inserted"])
-
-
-async def list_products(res: Resources, after: str | None, limit: int) -> dict[str, Any]:
-    rows = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: products.page(conn, after, limit + 1))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "items": [product_doc(r) for r in rows],
-        "next_cursor": encode_sku_cursor(rows[-1]["sku"]) if more else None,
-    }
-
-
 async def list_orders(
-    res: Resources,
-    who: Principal,
+    uow: UnitOfWork,
+    caller: Principal,
     *,
     status: OrderStatus | None,
     limit: int,
@@ -359,11 +299,9 @@ async def list_orders(
     customer_id: str | None,
 ) -> dict[str, Any]:
     """A customer sees their own orders (customer_id ignored); staff all, or one customer's."""
-    scope = customer_id if who.is_admin else who.customer_id
-    rows = await read(
-        res.pool,
-        res.settings.db_acquire_timeout_s,
-        lambda conn: orders.page(
+    scope = customer_id if caller.is_admin else caller.customer_id
+    rows = await uow.read(
+        lambda conn: uow.orders.page(
             conn, customer_id=scope, status=status.value if status else None, before=before, limit=limit + 1
         ),
     )
@@ -375,8 +313,8 @@ async def list_orders(
     }
 
 
-async def order_events(res: Resources, who: Principal, order_id: UUID) -> list[dict[str, Any]]:
-    row = await read(res.pool, res.settings.db_acquire_timeout_s, lambda conn: orders.events(conn, order_id))
-    if row is None or not who.can_see(row["customer_id"]):
+async def order_events(uow: UnitOfWork, caller: Principal, order_id: UUID) -> list[dict[str, Any]]:
+    row = await uow.read(lambda conn: uow.orders.events(conn, order_id))
+    if row is None or not caller.can_see(row["customer_id"]):
         raise NotFound("no such order")
     return list(row["items"])

@@ -1,0 +1,53 @@
+"""Pricing an order: a pure function of a snapshot of the catalog and the order's lines."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from orders.domain.money import PricedLine, Totals, order_totals
+from orders.errors import InsufficientStock, UnknownSku
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """A product as the snapshot saw it."""
+
+    name: str
+    unit_price: int
+    stock: int
+
+
+class Line(Protocol):
+    """A requested line: so many units of one SKU (an order's SKUs are distinct)."""
+
+    @property
+    def sku(self) -> str: ...
+
+    @property
+    def quantity(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PricedOrder:
+    lines: list[PricedLine]  # in the client's order
+    totals: Totals
+
+
+def price_order(catalog: Mapping[str, CatalogEntry], currency: str, lines: Sequence[Line]) -> PricedOrder:
+    """The lines priced at the snapshot's names and prices, in `currency` (the one the
+    snapshot's products share). Refused on the snapshot when it already says no:
+    InsufficientStock first (stock only grows by a cancel, so a later read cannot say
+    yes), then UnknownSku; the reservation re-checks stock and terms on the locked rows."""
+    short = sorted(line.sku for line in lines if line.sku in catalog and catalog[line.sku].stock < line.quantity)
+    if short:
+        raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=short)
+    unknown = sorted(line.sku for line in lines if line.sku not in catalog)
+    if unknown:
+        raise UnknownSku("some SKUs are not in the catalog", skus=unknown)
+    priced = [
+        PricedLine(line.sku, catalog[line.sku].name, line.quantity, catalog[line.sku].unit_price, currency)
+        for line in lines
+    ]
+    return PricedOrder(priced, order_totals(priced))

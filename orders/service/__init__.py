@@ -1,0 +1,1 @@
+"""The use cases, by aggregate (orders.py, products.py), and their unit of work."""

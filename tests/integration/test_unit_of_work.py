@@ -1,0 +1,78 @@
+"""The unit of work against the real PostgreSQL and Redis: what a transaction collected
+happens after its commit, and never when it rolled back or its COMMIT failed."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+
+from orders.errors import Unavailable
+from orders.service.unit_of_work import UnitOfWork
+from tests.integration.test_resilience_postgres import _kill_backend_of
+
+
+class Relay:
+    """Stands in for the relay's fast path: records what it is handed."""
+
+    def __init__(self) -> None:
+        self.dispatched: list[int] = []
+
+    def dispatch(self, ids: list[int]) -> None:
+        self.dispatched += ids
+
+
+@pytest.fixture
+def uow_parts(client: Any) -> tuple[Any, Relay, UnitOfWork]:
+    res = client.app.state.res
+    relay = Relay()
+    return res, relay, UnitOfWork(res.pool, res.cache, relay, res.settings.db_acquire_timeout_s)
+
+
+async def _cached(res: Any, key: str) -> bytes | None:
+    value: bytes | None = await res.cache.redis.get(key)
+    return value
+
+
+async def test_effects_happen_after_the_commit(uow_parts):
+    res, relay, uow = uow_parts
+    key = f"{res.cache.prefix}uow:{secrets.token_hex(4)}"
+    async with uow.transaction() as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+        uow.cache_write(key, 3, {"v": 3})
+        uow.dispatch_later([101, 102])
+        assert await _cached(res, key) is None  # not before the commit
+    assert await _cached(res, key) == b'3|{"v":3}'
+    assert relay.dispatched == []
+    await uow.dispatch()
+    assert relay.dispatched == [101, 102]
+
+
+async def test_a_rolled_back_transaction_leaves_no_effect(uow_parts):
+    res, relay, uow = uow_parts
+    key = f"{res.cache.prefix}uow:{secrets.token_hex(4)}"
+    with pytest.raises(RuntimeError):
+        async with uow.transaction():
+            uow.cache_write(key, 1, {"v": 1})
+            uow.dispatch_later([201])
+            raise RuntimeError("refused")
+    await uow.dispatch()
+    assert await _cached(res, key) is None and relay.dispatched == []
+    # The next transaction of the same unit of work starts clean.
+    async with uow.transaction():
+        uow.dispatch_later([202])
+    await uow.dispatch()
+    assert relay.dispatched == [202]
+
+
+async def test_a_commit_that_fails_leaves_no_effect(uow_parts, database_url):
+    res, relay, uow = uow_parts
+    key = f"{res.cache.prefix}uow:{secrets.token_hex(4)}"
+    with pytest.raises(Unavailable):
+        async with uow.transaction() as conn:
+            uow.cache_write(key, 1, {"v": 1})
+            uow.dispatch_later([301])
+            await _kill_backend_of(conn, database_url)  # the COMMIT meets a dead connection
+    await uow.dispatch()
+    assert await _cached(res, key) is None and relay.dispatched == []
