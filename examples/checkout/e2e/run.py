@@ -132,6 +132,12 @@ async def drop_db(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
+def forget_keys(redis_url: str, prefix: str) -> None:
+    with redis.Redis.from_url(redis_url, socket_timeout=5) as r:
+        for key in r.scan_iter(match=prefix + "*", count=500):
+            r.delete(key)
+
+
 def seed(api: str, admin_token: str) -> None:
     for sku, name, price, currency, stock in CATALOG:
         body = json.dumps({"name": name, "unit_price": price, "currency": currency, "stock": stock}).encode()
@@ -177,8 +183,7 @@ def main() -> int:
             stack.callback(embedded_redis.stop)
         asyncio.run(create_db(admin_dsn, db_name))
         stack.callback(lambda: asyncio.run(drop_db(admin_dsn, db_name)))
-        r = redis.Redis.from_url(redis_url, socket_timeout=5)
-        stack.callback(lambda: [r.delete(k) for k in r.scan_iter(match=prefix + "*", count=500)])
+        stack.callback(forget_keys, redis_url, prefix)
         sink = SmtpSink(work)
         smtp_host, smtp_port = sink.start()
         stack.callback(sink.stop)
@@ -215,9 +220,9 @@ def main() -> int:
                 sys.stderr.write(f"--- {log}\n{(work / log).read_text(errors='replace')[-3000:]}\n")
             raise
         settings = Settings(_env_file=None, dev=True, jwt_secret=secret)  # type: ignore[call-arg]
-        seed(api, mint(settings, "e2e-admin", roles=["admin"]))
         tokens = {who: mint(settings, f"e2e-{who}") for who in CUSTOMERS}
         tokens["admin"] = mint(settings, "e2e-admin", roles=["admin"])
+        seed(api, tokens["admin"])
         test_env = {
             **os.environ,
             "E2E_API": api,
