@@ -221,7 +221,7 @@ function explain(problem: Problem, retryAfterS: number | null): string {
     case "insufficient-stock":
       return `Not enough stock for ${(problem.skus ?? []).map(withStock).join(", ")}. Lower the quantity and try again; nothing was reserved.`;
     case "unknown-sku":
-      return `No longer sold: ${(problem.skus ?? []).join(", ")}. Remove it from your cart.`;
+      return `No longer sold: ${(problem.skus ?? []).map(nameOf).join(", ")}. Remove it from your cart.`;
     case "rate-limited":
       return `You have placed too many orders in a short time. Please wait ${wait(retryAfterS ?? 60)} before trying again.`;
     case "too-many-pending-orders":
@@ -257,7 +257,10 @@ function showOutcome(outcome: Outcome): void {
   }
   if (problemSlug(outcome.problem) === "idempotency-key-reuse") forgetAttempt();
   const { problem, retryAfter } = outcome;
-  if (problemSlug(problem) === "validation-error") showFieldErrors(problem);
+  if (problemSlug(problem) === "validation-error" && !showFieldErrors(problem)) {
+    say(`${problem.title}: ${problem.detail}`, true); // no field of the form to show it by
+    return;
+  }
   if (problemSlug(problem) === "insufficient-stock") {
     // The catalog's stock is stale: show it as it is now, and in the message.
     void loadProducts().finally(() => say(explain(problem, retryAfter), true));
