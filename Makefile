@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint fmt validate-deploy image check-wheels newer-python ci clean load bench openapi
+.PHONY: install run test lint fmt validate-deploy image check-wheels newer-python ci clean load bench openapi client demo e2e
 
 install: $(STAMP)
 
@@ -44,13 +44,34 @@ bench: install
 openapi: install
 	$(BIN)/python -m orders.api.openapi docs/openapi.json
 
+## The checkout example (examples/checkout/): Node packages from its lock file.
+CHECKOUT := examples/checkout
+NODE_MODULES := $(CHECKOUT)/node_modules/.package-lock.json
+
+$(NODE_MODULES): $(CHECKOUT)/package-lock.json
+	cd $(CHECKOUT) && npm ci --no-audit --no-fund
+
+## docs/openapi.json from the app, then the checkout's typed client from it (src/api/).
+client: openapi $(NODE_MODULES)
+	cd $(CHECKOUT) && npm run --silent client
+
+## `orders dev` with CORS for the checkout page, and the page on http://127.0.0.1:5173 (a token in its address).
+demo: install $(NODE_MODULES)
+	cd $(CHECKOUT) && npm run --silent build
+	$(BIN)/python $(CHECKOUT)/demo.py
+
+## The checkout page in Debian's Chromium against a real service (PostgreSQL, Redis, SMTP sink); fails on a stale client.
+e2e: install $(NODE_MODULES)
+	cd $(CHECKOUT) && npm run --silent client:check && npm run --silent build
+	$(BIN)/python $(CHECKOUT)/e2e/run.py
+
 lint: install
-	$(BIN)/ruff check orders tests infra
-	$(BIN)/ruff format --check orders
+	$(BIN)/ruff check orders tests infra examples
+	$(BIN)/ruff format --check orders examples
 
 fmt: install
-	$(BIN)/ruff format orders
-	$(BIN)/ruff check --fix orders tests infra
+	$(BIN)/ruff format orders examples
+	$(BIN)/ruff check --fix orders tests infra examples
 
 validate-deploy:
 	bash .ci/validate-deploy
@@ -72,7 +93,7 @@ check-wheels: install
 newer-python:
 	bash .ci/newer-python
 
-ci: lint test check-wheels newer-python validate-deploy
+ci: lint test e2e check-wheels newer-python validate-deploy
 
 clean:
-	rm -rf $(VENV) .dev .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .dev .pytest_cache .ruff_cache *.egg-info $(CHECKOUT)/node_modules $(CHECKOUT)/dist

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from orders.domain.money import MINOR_UNITS
+from orders.domain.status import OrderStatus
 from orders.schemas import Problem
 
 PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
@@ -38,6 +40,32 @@ _HEADERS: dict[int, dict[str, Any]] = {
     429: RETRY_AFTER,
     503: RETRY_AFTER,
 }
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="where, as a dotted path: items.0.quantity, shipping_address.country")
+    message: str
+    code: str
+
+
+class DocumentedProblem(Problem):
+    """application/problem+json (RFC 9457). Branch on `type`; `title` and `detail` are for people.
+    The optional members come with the types named in their description."""
+
+    errors: list[FieldError] = Field(default=None, description="validation-error: the fields and why")
+    skus: list[str] = Field(default=None, description="insufficient-stock, unknown-sku: the SKUs concerned")
+    max_pending_orders: int = Field(default=None, description="too-many-pending-orders: the cap")
+    current_status: OrderStatus = Field(default=None, description="invalid-transition: the order's status now")
+
+
+def _problem_schema() -> dict[str, Any]:
+    """The problem body as clients see it: the members some types add are optional (absent,
+    never null), so that a generated client types them without casts."""
+    schema = DocumentedProblem.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema["title"] = "Problem"
+    for member in schema["properties"].values():
+        member.pop("default", None)
+    return schema
 
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -68,14 +96,79 @@ def header(name: str, description: str, *, required: bool = False, pattern: str 
 
 def add_schemas(spec: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any]:
     components = spec.setdefault("components", {}).setdefault("schemas", {})
-    for model in (*models, Problem):
+    for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in schema.pop("$defs", {}).items():
             components.setdefault(name, sub)
         components[model.__name__] = schema
+    problem = _problem_schema()
+    for name, sub in problem.pop("$defs", {}).items():
+        components.setdefault(name, sub)
+    components["Problem"] = problem
+    components["Currency"] = CURRENCY
     _drop_default_422(spec)
     _declare_bearer(spec)
+    _declare_headers(spec)
     return spec
+
+
+# Amounts are in minor units: a client needs each currency's exponent to show them, and
+# Intl (CLDR) disagrees with ISO 4217 on some (HUF, IDR, COP ... have 2 decimals in ISO 4217).
+CURRENCY = {
+    "type": "string",
+    "enum": sorted(MINOR_UNITS),
+    "description": "ISO 4217 code; x-minor-units gives each code's exponent (1299 USD is 12.99)",
+    "x-minor-units": dict(sorted(MINOR_UNITS.items())),
+}
+REQUEST_ID = {
+    "description": "the caller's X-Request-ID when it sent a sane one (1 to 128 of A-Z a-z 0-9 . _ : -), else a new one",
+    "required": True,
+    "schema": {"type": "string"},
+}
+ETAG = {
+    "description": 'the order\'s version, quoted ("3"): send it back as If-Match',
+    "required": True,
+    "schema": {"type": "string"},
+}
+LOCATION = {"description": "/v1/orders/{id} of the order", "required": True, "schema": {"type": "string"}}
+REPLAYED = {
+    "description": "present when this answers a retry with an Idempotency-Key already used: nothing new was created",
+    "required": False,
+    "schema": {"type": "string", "enum": ["true"]},
+}
+ORDER_REF = "#/components/schemas/Order"
+
+
+def _declare_headers(spec: dict[str, Any]) -> None:
+    """The response headers of docs/API.md, declared from what the code does for every
+    route alike: X-Request-ID on every answer (and accepted on every request), ETag on
+    every answer that is one order, Location and Idempotent-Replayed on a creation that
+    takes an Idempotency-Key, whose 409 idempotency-in-progress carries Retry-After."""
+    components = spec["components"]
+    components.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID
+    components.setdefault("parameters", {})["X-Request-ID"] = {
+        "name": "X-Request-ID",
+        "in": "header",
+        "required": False,
+        # Any value is accepted: one that is not 1 to 128 of A-Z a-z 0-9 . _ : - is replaced.
+        "description": "1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line",
+        "schema": {"type": "string"},
+    }
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            operation.setdefault("parameters", []).append({"$ref": "#/components/parameters/X-Request-ID"})
+            idempotent = any(p.get("name") == "Idempotency-Key" for p in operation["parameters"])
+            for code, response in operation.get("responses", {}).items():
+                headers = response.setdefault("headers", {})
+                headers["X-Request-ID"] = {"$ref": "#/components/headers/X-Request-ID"}
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if code.startswith("2") and schema.get("$ref") == ORDER_REF:
+                    headers["ETag"] = ETAG
+                    if idempotent:
+                        headers["Location"] = LOCATION
+                        headers["Idempotent-Replayed"] = REPLAYED
+                if idempotent and code == "409":
+                    headers["Retry-After"] = {**RETRY_AFTER["Retry-After"], "required": False}
 
 
 BEARER = {"type": "http", "scheme": "bearer", "description": "HS256 JWT: `sub` customer id, `exp`, optional `roles`"}

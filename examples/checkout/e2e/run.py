@@ -1,0 +1,246 @@
+"""`make e2e`: the checkout page in a real browser against a real service.
+
+Starts, on free ports of 127.0.0.1: a fresh PostgreSQL database and Redis under a key prefix
+of its own (on the servers the tests use: ORDERS_TEST_DATABASE_URL / ORDERS_TEST_REDIS_URL, else
+the machine's on 5432 / 6379, else embedded ones), an SMTP sink writing each
+message to a directory, `orders serve` with CORS for the page's origin, and `vite preview` of
+the built page (dist/); seeds a catalog, then runs the Playwright tests (`node --test e2e/`)
+with Debian's Chromium. Everything it started is stopped, and the database dropped, whatever
+happens. Run from the repo root, after `npm ci` and `npm run build` in examples/checkout/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import asyncpg
+import redis
+
+from orders.auth import mint
+from orders.settings import Settings
+
+from orders.dev.postgres import EmbeddedPostgres
+from orders.dev.redis import EmbeddedRedis
+from orders.dev.smtp import SmtpSink
+
+HERE = Path(__file__).resolve().parent
+PAGE_DIR = HERE.parent
+CHROMIUM = "/usr/bin/chromium"
+
+CATALOG = [
+    # sku, name, unit_price (minor units), currency, stock
+    ("MUG-001", "Mug", 1299, "USD", 100),
+    ("POSTER-A2", "Poster A2", 1800, "USD", 25),
+    ("LAMP-LTD", "Limited lamp", 4999, "USD", 2),
+    ("TEA-JP", "Sencha tea", 1500, "JPY", 30),
+    ("DATES-KW", "Dates box", 1250, "KWD", 10),
+]
+# One customer per scenario, so that none sees another's orders, rate limit or pending cap.
+CUSTOMERS = ["buyer", "retry", "busy", "reload", "errors", "limited", "history"]
+RATE_LIMIT = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium (no browser download): installed when missing, as CI does."""
+    if os.access(CHROMIUM, os.X_OK):
+        return
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
+    subprocess.run([*apt, "update", "-q"], check=True, timeout=600)
+    subprocess.run(
+        [*apt, "install", "-y", "-q", "chromium"],
+        check=True,
+        timeout=1200,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+def start(
+    stack: ExitStack, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    out = log.open("wb")
+    stack.callback(out.close)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    stack.callback(stop)
+    return proc
+
+
+async def create_db(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def drop_db(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def forget_keys(redis_url: str, prefix: str) -> None:
+    with redis.Redis.from_url(redis_url, socket_timeout=5) as r:
+        for key in r.scan_iter(match=prefix + "*", count=500):
+            r.delete(key)
+
+
+def seed(api: str, admin_token: str) -> None:
+    for sku, name, price, currency, stock in CATALOG:
+        body = json.dumps({"name": name, "unit_price": price, "currency": currency, "stock": stock}).encode()
+        req = urllib.request.Request(
+            f"{api}/v1/products/{sku}",
+            data=body,
+            method="PUT",
+            headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status in (200, 201), r.status
+
+
+def main() -> int:
+    ensure_chromium()
+    if not (PAGE_DIR / "dist" / "index.html").exists():
+        sys.exit("examples/checkout/dist is missing: run `npm run build` there first (make e2e does)")
+    run_id = secrets.token_hex(4)
+    db_name = f"orders_e2e_{run_id}"
+    prefix = f"orders-e2e-{run_id}:"
+    api_port, page_port = free_port(), free_port()
+    api, page = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
+    secret = secrets.token_urlsafe(48)
+    # SIGTERM (CI's stop, a Ctrl-C's cousin) unwinds the stack like an exception.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="orders-e2e-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        admin_dsn = os.environ.get("ORDERS_TEST_DATABASE_URL", "")
+        if not admin_dsn and listening(5432):
+            admin_dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
+        elif not admin_dsn:
+            pg = EmbeddedPostgres(work)
+            admin_dsn = pg.start()
+            stack.callback(pg.stop)
+        redis_url = os.environ.get("ORDERS_TEST_REDIS_URL", "")
+        if not redis_url and listening(6379):
+            redis_url = "redis://127.0.0.1:6379/9"
+        elif not redis_url:
+            embedded_redis = EmbeddedRedis(work)
+            redis_url = embedded_redis.start()
+            stack.callback(embedded_redis.stop)
+        asyncio.run(create_db(admin_dsn, db_name))
+        stack.callback(lambda: asyncio.run(drop_db(admin_dsn, db_name)))
+        stack.callback(forget_keys, redis_url, prefix)
+        sink = SmtpSink(work)
+        smtp_host, smtp_port = sink.start()
+        stack.callback(sink.stop)
+
+        dsn = admin_dsn.rsplit("/", 1)[0] + "/" + db_name
+        env = {
+            **os.environ,
+            "ORDERS_DATABASE_URL": dsn,
+            "ORDERS_REDIS_URL": redis_url,
+            "ORDERS_CACHE_PREFIX": prefix,
+            "ORDERS_SMTP_HOST": smtp_host,
+            "ORDERS_SMTP_PORT": str(smtp_port),
+            "ORDERS_JWT_SECRET": secret,
+            "ORDERS_CORS_ORIGINS": page,
+            "ORDERS_HOST": "127.0.0.1",
+            "ORDERS_PORT": str(api_port),
+            "ORDERS_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
+            "ORDERS_LOG_LEVEL": "warning",
+        }
+        server = start(stack, [sys.executable, "-m", "orders", "serve"], env, work / "server.log")
+        vite = PAGE_DIR / "node_modules" / ".bin" / "vite"
+        preview = start(
+            stack,
+            [str(vite), "preview", "--host", "127.0.0.1", "--port", str(page_port), "--strictPort"],
+            dict(os.environ),
+            work / "vite.log",
+            cwd=PAGE_DIR,
+        )
+        try:
+            wait_http(f"{api}/readyz", 60, server)
+            wait_http(page, 30, preview)
+        except Exception:
+            for log in ("server.log", "vite.log"):
+                sys.stderr.write(f"--- {log}\n{(work / log).read_text(errors='replace')[-3000:]}\n")
+            raise
+        settings = Settings(_env_file=None, dev=True, jwt_secret=secret)  # type: ignore[call-arg]
+        tokens = {who: mint(settings, f"e2e-{who}") for who in CUSTOMERS}
+        tokens["admin"] = mint(settings, "e2e-admin", roles=["admin"])
+        seed(api, tokens["admin"])
+        test_env = {
+            **os.environ,
+            "E2E_API": api,
+            "E2E_PAGE": page,
+            "E2E_MAIL_DIR": str(work / "mail"),
+            "E2E_TOKENS": json.dumps(tokens),
+            "E2E_RATE_LIMIT": str(RATE_LIMIT),
+            "E2E_CHROMIUM": CHROMIUM,
+        }
+        result = subprocess.run(
+            ["node", "--test", "--test-concurrency=1", "--test-timeout=120000", "e2e/checkout.test.mjs"],
+            cwd=PAGE_DIR,
+            env=test_env,
+            timeout=900,
+        )
+        if result.returncode != 0:
+            sys.stderr.write(f"--- server.log (tail)\n{(work / 'server.log').read_text(errors='replace')[-4000:]}\n")
+        return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

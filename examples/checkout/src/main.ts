@@ -1,0 +1,445 @@
+// The reference checkout page: catalog, cart, place order (one Idempotency-Key per attempt,
+// checkout.ts), confirmation, the customer's orders with cancel (If-Match). Plain DOM.
+import { makeClient, problemSlug, timeout, type Order, type OrderCreate, type Problem, type Product } from "./api/client";
+import { attemptFor, currentAttempt, forgetAttempt, submit, type Attempt, type Outcome } from "./checkout";
+import { formatMoney } from "./money";
+
+// Where the service is and who the buyer is: ?api= and ?token= (what `make demo` prints),
+// kept in sessionStorage for reloads and taken out of the address bar.
+const params = new URLSearchParams(location.search);
+for (const name of ["api", "token"]) {
+  const value = params.get(name);
+  if (value) sessionStorage.setItem(`checkout.${name}`, value);
+}
+if (params.has("token") || params.has("api")) history.replaceState(null, "", location.pathname);
+const apiBase = sessionStorage.getItem("checkout.api") ?? import.meta.env.VITE_ORDERS_API ?? "http://127.0.0.1:8000";
+const token = () => sessionStorage.getItem("checkout.token");
+const client = makeClient(apiBase, token);
+
+const PAGE_SIZE = 5;
+
+function $<T extends HTMLElement = HTMLElement>(selector: string): T {
+  const el = document.querySelector<T>(selector);
+  if (el === null) throw new Error(`missing ${selector}`);
+  return el;
+}
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, text = "", cls = ""): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  if (text) node.textContent = text;
+  if (cls) node.className = cls;
+  return node;
+}
+
+function customerOf(jwt: string): string {
+  try {
+    const payload = jwt.split(".")[1] ?? "";
+    const claims: unknown = JSON.parse(atob(payload.replace(/-/g, "+").replace(/_/g, "/")));
+    if (typeof claims === "object" && claims !== null && "sub" in claims) return String(claims.sub);
+  } catch {}
+  return "?";
+}
+
+const wait = (seconds: number) =>
+  seconds >= 90 ? `about ${Math.ceil(seconds / 60)} minutes` : `${seconds} second${seconds === 1 ? "" : "s"}`;
+
+// ------------------------------------------------------------------ catalog and cart
+
+const products = new Map<string, Product>();
+const cart = new Map<string, number>(JSON.parse(sessionStorage.getItem("checkout.cart") ?? "[]"));
+let productCursor: string | null = null;
+
+function saveCart(): void {
+  sessionStorage.setItem("checkout.cart", JSON.stringify([...cart]));
+}
+
+const nameOf = (sku: string) => {
+  const product = products.get(sku);
+  return product ? `${product.name} (${sku})` : sku;
+};
+
+const withStock = (sku: string) => {
+  const stock = products.get(sku)?.stock;
+  return stock === undefined ? nameOf(sku) : `${nameOf(sku)}, ${stock > 0 ? `only ${stock} left` : "sold out"}`;
+};
+
+/** A GET's answer, or null (and a sentence in `where`) when the service cannot be reached. */
+async function reach<T>(call: () => Promise<T>, where: HTMLElement, what: string): Promise<T | null> {
+  try {
+    return await call();
+  } catch {
+    where.replaceChildren(el(where.tagName === "TBODY" ? "tr" : "li", `${what} could not be loaded: the shop cannot be reached. Reload the page to try again.`));
+    return null;
+  }
+}
+
+async function loadProducts(more = false): Promise<void> {
+  const answer = await reach(
+    () =>
+      client.GET("/v1/products", {
+        params: { query: { limit: 20, ...(more && productCursor ? { cursor: productCursor } : {}) } },
+        signal: timeout(),
+      }),
+    $("#products"),
+    "The catalog",
+  );
+  if (answer === null) return;
+  const { data, error } = answer;
+  if (data === undefined) {
+    $("#products").replaceChildren(el("tr", `The catalog could not be loaded: ${explain(error, null)}`));
+    return;
+  }
+  const rows = data.items.map((product) => {
+    products.set(product.sku, product);
+    const row = el("tr");
+    row.dataset.sku = product.sku;
+    const name = el("td", product.name);
+    name.append(" ", el("span", product.sku, "sku"));
+    const qty = el("input");
+    Object.assign(qty, { type: "number", min: "1", max: "1000", value: "1" });
+    qty.setAttribute("aria-label", `Quantity of ${product.name}`);
+    const add = el("button", "Add to cart");
+    add.type = "button";
+    add.addEventListener("click", () => {
+      const n = Math.max(1, Math.min(1000, Math.trunc(Number(qty.value) || 1)));
+      cart.set(product.sku, (cart.get(product.sku) ?? 0) + n);
+      saveCart();
+      renderCart();
+    });
+    const action = el("td");
+    action.append(qty, " ", add);
+    row.append(
+      name,
+      el("td", formatMoney(product.unit_price, product.currency), "num"),
+      el("td", product.stock > 0 ? String(product.stock) : "sold out", product.stock > 0 ? "num" : "num out"),
+      action,
+    );
+    return row;
+  });
+  if (more) $("#products").append(...rows);
+  else $("#products").replaceChildren(...rows);
+  productCursor = data.next_cursor ?? null;
+  $("#more-products").hidden = productCursor === null;
+  renderCart();
+}
+
+function renderCart(): void {
+  const lines = [...cart].map(([sku, quantity]) => {
+    const product = products.get(sku);
+    const li = el("li", `${quantity} × ${product?.name ?? sku}`);
+    li.dataset.sku = sku;
+    if (product) li.append(` — ${formatMoney(product.unit_price * quantity, product.currency)}`);
+    const remove = el("button", "Remove");
+    remove.type = "button";
+    remove.addEventListener("click", () => {
+      cart.delete(sku);
+      saveCart();
+      renderCart();
+    });
+    li.append(" ", remove);
+    return li;
+  });
+  $("#cart-lines").replaceChildren(...(lines.length ? lines : [el("li", "Your cart is empty.")]));
+  // The service refuses a cart in several currencies; show one total per currency.
+  const totals = new Map<string, number>();
+  for (const [sku, quantity] of cart) {
+    const product = products.get(sku);
+    if (product) totals.set(product.currency, (totals.get(product.currency) ?? 0) + product.unit_price * quantity);
+  }
+  $("#cart-total").textContent = totals.size
+    ? `Total: ${[...totals].map(([currency, minor]) => formatMoney(minor, currency)).join(" + ")}`
+    : "";
+}
+
+// ------------------------------------------------------------------ place order
+
+const form = $<HTMLFormElement>("#checkout");
+const status = $("#checkout-status");
+
+function field(name: string): HTMLInputElement {
+  return form.elements.namedItem(name) as HTMLInputElement;
+}
+
+const ADDRESS = ["name", "line1", "line2", "city", "postal_code", "country"] as const;
+
+function orderBody(): OrderCreate {
+  const text = (name: string) => field(name).value.trim();
+  return {
+    email: text("email"),
+    items: [...cart].map(([sku, quantity]) => ({ sku, quantity })),
+    shipping_address: {
+      name: text("name"),
+      line1: text("line1"),
+      line2: text("line2") || null,
+      city: text("city"),
+      postal_code: text("postal_code"),
+      country: text("country").toUpperCase(),
+    },
+  };
+}
+
+function fillForm(body: OrderCreate): void {
+  field("email").value = body.email;
+  for (const name of ADDRESS) field(name).value = body.shipping_address[name] ?? "";
+}
+
+function say(text: string, error = false): void {
+  status.textContent = text;
+  status.classList.toggle("error", error);
+}
+
+function clearFieldErrors(): void {
+  for (const slot of form.querySelectorAll<HTMLElement>(".field-error")) slot.textContent = "";
+  for (const input of form.querySelectorAll("input")) input.removeAttribute("aria-invalid");
+}
+
+/** 422 validation-error: each message next to its field (items.0.quantity under the cart). */
+function showFieldErrors(problem: Problem): boolean {
+  let shown = false;
+  for (const { field: path, message } of problem.errors ?? []) {
+    const slotName = path.startsWith("items") ? "items" : path;
+    const slot = form.querySelector<HTMLElement>(`.field-error[data-field="${CSS.escape(slotName)}"]`);
+    if (slot === null) continue;
+    const line = path.startsWith("items.") ? `${lineName(path)}: ${message}` : message;
+    slot.textContent = slot.textContent ? `${slot.textContent} ${line}` : line;
+    const input = form.elements.namedItem(path.split(".").pop() ?? "");
+    if (input instanceof HTMLInputElement) input.setAttribute("aria-invalid", "true");
+    shown = true;
+  }
+  return shown;
+}
+
+function lineName(path: string): string {
+  const index = Number(path.split(".")[1]);
+  const sku = [...cart.keys()][index];
+  return sku === undefined ? "Cart" : nameOf(sku);
+}
+
+/** A sentence a buyer understands, from the problem's type and its members. */
+function explain(problem: Problem, retryAfterS: number | null): string {
+  switch (problemSlug(problem)) {
+    case "insufficient-stock":
+      return `Not enough stock for ${(problem.skus ?? []).map(withStock).join(", ")}. Lower the quantity and try again; nothing was reserved.`;
+    case "unknown-sku":
+      return `No longer sold: ${(problem.skus ?? []).map(nameOf).join(", ")}. Remove it from your cart.`;
+    case "rate-limited":
+      return `You have placed too many orders in a short time. Please wait ${wait(retryAfterS ?? 60)} before trying again.`;
+    case "too-many-pending-orders":
+      return `You already have ${problem.max_pending_orders ?? "the most"} orders waiting for payment. Pay or cancel one of them first.`;
+    case "validation-error":
+      return "Please correct the highlighted fields.";
+    case "unauthorized":
+      return "Your session has expired: please sign in again.";
+    case "idempotency-key-reuse":
+      return "This order changed while it was being placed: please press “Place order” again.";
+    default:
+      return `${problem.title}: ${problem.detail}`;
+  }
+}
+
+function showOutcome(outcome: Outcome): void {
+  const button = $<HTMLButtonElement>("#place");
+  button.disabled = false;
+  if (outcome.kind === "placed") {
+    say("");
+    cart.clear();
+    saveCart();
+    renderCart();
+    showConfirmation(outcome.order, outcome.replayed);
+    void loadProducts();
+    void loadOrders();
+    return;
+  }
+  if (outcome.kind === "gave-up") {
+    // The attempt and its key stay: pressing the button again cannot order twice.
+    say(`We could not reach the shop (${outcome.reason}). Your order may or may not have been placed: press “Place order” again, it will not be ordered twice.`, true);
+    return;
+  }
+  if (problemSlug(outcome.problem) === "idempotency-key-reuse") forgetAttempt();
+  const { problem, retryAfter } = outcome;
+  if (problemSlug(problem) === "validation-error" && !showFieldErrors(problem)) {
+    say(`${problem.title}: ${problem.detail}`, true); // no field of the form to show it by
+    return;
+  }
+  if (problemSlug(problem) === "insufficient-stock") {
+    // The catalog's stock is stale: show it as it is now, and in the message.
+    void loadProducts().finally(() => say(explain(problem, retryAfter), true));
+    return;
+  }
+  say(explain(problem, retryAfter), true);
+}
+
+function showConfirmation(order: Order, replayed: boolean): void {
+  const box = $("#confirmation");
+  const title = el("h3", "Thank you, your order is placed");
+  const lines = el("ul");
+  for (const item of order.items) lines.append(el("li", `${item.quantity} × ${item.name} — ${formatMoney(item.line_total, order.currency)}`));
+  box.replaceChildren(
+    title,
+    el("p", `Order ${order.id}, total ${formatMoney(order.total, order.currency)}.`),
+    lines,
+    el("p", `A confirmation email is on its way to ${order.email}.`),
+    // Payment confirmation does not exist in the service yet: the order stays pending until it does.
+    el("p", "Payment is not offered by this example yet: the order stays pending.", "hint"),
+  );
+  if (replayed) box.append(el("p", "(Your retry reached an order already placed: you have not ordered twice.)", "hint"));
+  box.hidden = false;
+}
+
+async function place(attempt: Attempt): Promise<void> {
+  clearFieldErrors();
+  $("#confirmation").hidden = true;
+  $<HTMLButtonElement>("#place").disabled = true;
+  say("Placing your order…");
+  const outcome = await submit(client, attempt, (retry, waitMs, why) =>
+    say(`Still placing your order (${why}); trying again in ${Math.ceil(waitMs / 1000)} s (retry ${retry})…`),
+  );
+  showOutcome(outcome);
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (cart.size === 0) {
+    say("Your cart is empty.", true);
+    return;
+  }
+  void place(attemptFor(orderBody()));
+});
+
+// ------------------------------------------------------------------ the customer's orders
+
+let orderCursor: string | null = null;
+const shown = new Map<string, HTMLLIElement>();
+
+async function loadOrders(more = false): Promise<void> {
+  const answer = await reach(
+    () =>
+      client.GET("/v1/orders", {
+        params: { query: { limit: PAGE_SIZE, ...(more && orderCursor ? { cursor: orderCursor } : {}) } },
+        signal: timeout(),
+      }),
+    $("#order-list"),
+    "Your orders",
+  );
+  if (answer === null) return;
+  const { data, error } = answer;
+  if (data === undefined) {
+    $("#order-list").replaceChildren(el("li", `Your orders could not be loaded: ${explain(error, null)}`));
+    return;
+  }
+  if (!more) {
+    shown.clear();
+    $("#order-list").replaceChildren();
+  }
+  for (const order of data.items) {
+    const row = el("li");
+    row.dataset.order = order.id;
+    shown.set(order.id, row);
+    renderOrder(row, order);
+    $("#order-list").append(row);
+  }
+  if (!more && data.items.length === 0) $("#order-list").append(el("li", "No orders yet."));
+  orderCursor = data.next_cursor ?? null;
+  $("#more-orders").hidden = orderCursor === null;
+}
+
+function renderOrder(row: HTMLLIElement, order: Order, note = ""): void {
+  const when = new Date(order.created_at).toLocaleString();
+  const items = order.items.map((item) => `${item.quantity} × ${item.name}`).join(", ");
+  row.replaceChildren(
+    el("span", when),
+    el("span", order.status, "status"),
+    el("span", formatMoney(order.total, order.currency)),
+    el("span", items),
+    el("span", order.id.slice(0, 8), "sku"),
+  );
+  if (order.status === "pending" || order.status === "paid") {
+    const cancel = el("button", "Cancel");
+    cancel.type = "button";
+    cancel.addEventListener("click", () => void cancelOrder(row, order));
+    row.append(cancel);
+  }
+  if (note) row.append(el("span", note, "question"));
+}
+
+/** Cancel with If-Match: the order's version as the buyer saw it. On 412 the order changed
+ *  elsewhere (paid, cancelled...): show it as it is now and ask again. */
+async function cancelOrder(row: HTMLLIElement, seen: Order): Promise<void> {
+  try {
+    await tryCancel(row, seen);
+  } catch {
+    // The answer was lost: pressing Cancel again sends the same If-Match. Had the first one
+    // gone through, that answers 412 or 409, and the order is shown as it now is.
+    renderOrder(row, seen, "The shop could not be reached: press Cancel again.");
+  }
+}
+
+async function tryCancel(row: HTMLLIElement, seen: Order): Promise<void> {
+  const { data, error } = await client.POST("/v1/orders/{order_id}/cancel", {
+    params: { path: { order_id: seen.id }, header: { "If-Match": `"${seen.version}"` } },
+    signal: timeout(),
+  });
+  if (data !== undefined) {
+    renderOrder(row, data, "Cancelled.");
+    void loadProducts();
+    return;
+  }
+  const slug = problemSlug(error);
+  if (slug !== "precondition-failed" && slug !== "invalid-transition") {
+    renderOrder(row, seen, explain(error, null));
+    return;
+  }
+  const fresh = await client.GET("/v1/orders/{order_id}", { params: { path: { order_id: seen.id } }, signal: timeout() });
+  if (fresh.data === undefined) {
+    renderOrder(row, seen, explain(fresh.error, null));
+    return;
+  }
+  const now = fresh.data;
+  if (now.status !== "pending" && now.status !== "paid") {
+    renderOrder(row, now, `This order can no longer be cancelled: it is ${now.status}.`);
+    return;
+  }
+  renderOrder(row, now);
+  const question = el("span", `This order changed since you saw it (it is now ${now.status}). Cancel it anyway?`, "question");
+  const yes = el("button", "Yes, cancel it");
+  const no = el("button", "Keep it");
+  yes.type = no.type = "button";
+  yes.addEventListener("click", () => void cancelOrder(row, now));
+  no.addEventListener("click", () => renderOrder(row, now));
+  row.append(question, yes, no);
+}
+
+// ------------------------------------------------------------------ start
+
+async function start(): Promise<void> {
+  const jwt = token();
+  if (!jwt) {
+    $("#signin").hidden = false;
+    $("#signin-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const value = ($<HTMLInputElement>("#signin-form input").value || "").trim();
+      if (value) {
+        sessionStorage.setItem("checkout.token", value);
+        location.reload();
+      }
+    });
+    return;
+  }
+  $("#who").textContent = `Signed in as ${customerOf(jwt)}`;
+  $("#shop").hidden = false;
+  $("#more-products").addEventListener("click", () => void loadProducts(true));
+  $("#more-orders").addEventListener("click", () => void loadOrders(true));
+  await Promise.all([loadProducts(), loadOrders()]);
+  // A reload while an attempt was being sent: send it again with its key and body. If the
+  // first request had gone through, the service answers it again; it never orders twice.
+  const attempt = currentAttempt();
+  if (attempt !== null) {
+    fillForm(attempt.body);
+    if (attempt.sending) {
+      say("Finishing the order you were placing…");
+      await place(attempt);
+    }
+  }
+}
+
+void start();
