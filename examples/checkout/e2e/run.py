@@ -31,11 +31,10 @@ import asyncpg
 import redis
 
 from orders.auth import mint
-from orders.settings import Settings
-
 from orders.dev.postgres import EmbeddedPostgres
 from orders.dev.redis import EmbeddedRedis
 from orders.dev.smtp import SmtpSink
+from orders.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 PAGE_DIR = HERE.parent
