@@ -32,7 +32,8 @@ Environment knobs: BENCH_DURATION (s, default 15), BENCH_WARMUP (s, 3), BENCH_CO
 (64), BENCH_WORKERS ("1 2"), BENCH_POOL_MAX (per worker, default 40: 2 workers x 40 = 80 stay
 far under max_connections=100), BENCH_PROFILE=1 (py-spy on a worker during an extra
 order run: infra/bench/results/<stamp>/profile-*.txt and its summary), BENCH_PACE_SHARE,
-BENCH_PHASES (a subset of "create get bare pgbench", for quick iterations),
+BENCH_PHASES (a subset of "create get bare pgbench", for quick iterations), BENCH_PLAIN_HTTP=1
+(the service without the HTTP guards of orders.http_protocol, for their A/B),
 BENCH_PG_ADMIN_DSN, BENCH_REDIS_URL.
 
 wrk, PostgreSQL and the service share the machine's cores: compare the ratios of one
@@ -95,6 +96,9 @@ NGET_ORDERS = env_int("BENCH_GET_ORDERS", 1000)
 PACE_SHARE = float(os.environ.get("BENCH_PACE_SHARE", "0.5"))  # of the peak, for the latency run
 PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
 PHASES = set(os.environ.get("BENCH_PHASES", "create get bare pgbench").split())  # a subset, for quick iterations
+# BENCH_PLAIN_HTTP=1: the service on plain httptools, without orders.http_protocol's guards (their A/B).
+PLAIN_HTTP = os.environ.get("BENCH_PLAIN_HTTP", "") not in ("", "0")
+SERVE_ARGV = [sys.executable, str(BENCH_DIR / "plain_serve.py")] if PLAIN_HTTP else [str(BIN / "orders"), "serve"]
 ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 
@@ -703,7 +707,7 @@ def main() -> int:
         got: list[tuple[str, str]] = []
         for workers in WORKERS:
             tag = f"w{workers}"
-            srv = Server(f"orders-{tag}", [str(BIN / "orders"), "serve"], env, workers, out, "/readyz").start()
+            srv = Server(f"orders-{tag}", SERVE_ARGV, env, workers, out, "/readyz").start()
             servers.append(srv)
             rss_start = srv.rss_mib()
             if not got:
