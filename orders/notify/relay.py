@@ -42,7 +42,14 @@ import structlog
 from orders.db import idempotency, outbox
 from orders.db.pool import connection
 from orders.notify.email import Mailer, render
-from orders.observability import NOTIFICATIONS_FAILED, NOTIFICATIONS_PENDING, NOTIFICATIONS_SENT, RELAY_LAG
+from orders.observability import (
+    NOTIFICATIONS_FAILED,
+    NOTIFICATIONS_FAILED_ROWS,
+    NOTIFICATIONS_OLDEST_PENDING,
+    NOTIFICATIONS_PENDING,
+    NOTIFICATIONS_SENT,
+    RELAY_LAG,
+)
 from orders.settings import Settings
 
 log = structlog.get_logger("orders.notify")
@@ -300,6 +307,9 @@ class Relay:
                     stats = await outbox.stats(conn)
                 NOTIFICATIONS_PENDING.set(stats["pending"])
                 RELAY_LAG.set(stats["lag_s"])
+                NOTIFICATIONS_OLDEST_PENDING.set(stats["oldest_s"])
+                for kind in ("email", "audit"):
+                    NOTIFICATIONS_FAILED_ROWS.labels(kind).set(stats["failed"].get(kind, 0))
                 await self.purge_expired()
             except Exception as exc:
                 log.warning("housekeeping_failed", error=type(exc).__name__)
