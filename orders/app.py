@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orders.api import docs, health, orders, products
+from orders.api import admin, docs, health, orders, products
 from orders.api.openapi import add_schemas
 from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # FastAPI 0.165 keeps an included router as a node that re-walks its routes on every
     # request (18 % of a cached GET's CPU in the profile, docs/PERFORMANCE.md). The
     # routers carry only a prefix and tags, which their routes already hold.
-    for router in (products.router, orders.router, health.router, docs.router):
+    for router in (products.router, orders.router, admin.router, health.router, docs.router):
         app.router.routes.extend(router.routes)
     app.router.routes.append(docs.assets)
 
