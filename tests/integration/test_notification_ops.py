@@ -250,7 +250,7 @@ async def test_outbox_gauges_count_failed_rows_by_kind_and_the_oldest_pending(
         settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
         async with running_app(settings) as c:
             sku = await make_product(c, stock=10)
-            oid, row_id = await _failed_order(c, isolated_pool, "cust-gauge", sku)
+            _, row_id = await _failed_order(c, isolated_pool, "cust-gauge", sku)
 
             async def metrics() -> str:
                 return (await c.get("/metrics")).text
