@@ -9,7 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from socket import socket
@@ -161,11 +161,19 @@ async def _outbox(settings: Settings, args: argparse.Namespace) -> int:
         await conn.close()
 
 
-def _limit(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 10_000:
-        raise ValueError(text)
-    return value
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`, else a usage error that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer from {low} to {high}")
+        return value
+
+    return parse
 
 
 def outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -198,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     list_parser = actions.add_parser("list", help="outbox rows, newest first: a line per row")
     list_parser.add_argument("--status", choices=["pending", "sent", "failed"])
     list_parser.add_argument("--order", type=UUID, metavar="ORDER_ID")
-    list_parser.add_argument("--limit", type=_limit, default=100, help="rows at most (1 to 10000, default 100)")
+    list_parser.add_argument(
+        "--limit", type=_bounded(1, 10_000), default=100, help="rows at most (1 to 10000, default 100)"
+    )
     retry_parser = actions.add_parser("retry", help="re-queue failed rows: pending and due now")
-    retry_parser.add_argument("ids", nargs="*", type=int, metavar="ID")
+    retry_parser.add_argument("ids", nargs="*", type=_bounded(1, 2**63 - 1), metavar="ID")
     retry_parser.add_argument("--all-failed", action="store_true", help="every failed row")
     args = parser.parse_args(argv)
     if args.command == "outbox" and args.action == "retry" and bool(args.ids) == args.all_failed:

@@ -134,6 +134,8 @@ async def test_the_cli_lists_and_retries_failed_rows(base_env, make_settings, is
             assert _count(sink, first) == 1 and _count(sink, second) == 1
             code, _, err = await _orders_cli(env, "retry")
             assert code == 2 and "give row ids or --all-failed" in err
+            code, _, err = await _orders_cli(env, "retry", "0", "99999999999999999999")
+            assert code == 2 and "an integer from 1 to" in err
     finally:
         sink.stop()
 
