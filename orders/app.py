@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orders.api import docs, health, orders, products
+from orders.api import admin, docs, health, orders, products
 from orders.api.openapi import add_schemas
 from orders.api.problems import install_handlers, internal_error
 from orders.body import BodyLimit
@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The routes go straight onto the application's router, not through include_router,
     # which re-walks an included router's routes on every request (docs/PERFORMANCE.md).
     # The routers carry only a prefix and tags, which their routes already hold.
-    for router in (products.router, orders.router, health.router, docs.router):
+    for router in (products.router, orders.router, admin.router, health.router, docs.router):
         app.router.routes.extend(router.routes)
     app.router.routes.append(docs.assets)
 

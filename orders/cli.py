@@ -1,4 +1,4 @@
-"""`orders serve | migrate | dev`."""
+"""`orders serve | migrate | dev | outbox`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from socket import socket
 from types import FrameType
+from uuid import UUID
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -131,6 +132,54 @@ def migrate(settings: Settings) -> int:
     return 0
 
 
+async def _outbox(settings: Settings, args: argparse.Namespace) -> int:
+    """`orders outbox list | retry`: the queries of /v1/admin/notifications, on one connection."""
+    import asyncpg
+
+    from orders.db import outbox
+
+    conn = await asyncpg.connect(settings.dsn, timeout=10, command_timeout=settings.db_command_timeout_s)
+    try:
+        if args.action == "list":
+            rows = await outbox.page(conn, status=args.status, order_id=args.order, before_id=None, limit=args.limit)
+            print("id\torder_id\tkind\tstatus\tattempts\tlast_error")
+            for r in rows:
+                error = " ".join((r["last_error"] or "-").split())  # one line per row, whatever the error
+                print(f"{r['id']}\t{r['order_id']}\t{r['kind']}\t{r['status']}\t{r['attempts']}\t{error}")
+            return 0
+        retried = await outbox.retry(conn, None if args.all_failed else args.ids)
+        done = sorted(r["id"] for r in retried)
+        print(f"re-queued {len(done)} row(s){': ' + ' '.join(map(str, done)) if done else ''}")
+        code = 0
+        for row_id in sorted(set(args.ids) - set(done)):  # a pending or sent row is never sent again
+            row = await outbox.get(conn, row_id)
+            why = "no such row" if row is None else f"not failed ({row['status']}): left as it is"
+            print(f"orders outbox: {row_id}: {why}", file=sys.stderr)
+            code = 1
+        return code
+    finally:
+        await conn.close()
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`, else a usage error that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def outbox(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_outbox(settings, args))
+
+
 def dev(port: int) -> int:
     """`orders dev`: in a checkout with the dev extra installed (orders.dev is not in the wheel)."""
     try:
@@ -152,7 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply pending SQL migrations and exit")
     dev_parser = sub.add_parser("dev", help="embedded PostgreSQL, Redis and SMTP sink, demo data, port 8000")
     dev_parser.add_argument("--port", type=int, default=8000)
+    outbox_parser = sub.add_parser("outbox", help="list the notification outbox, re-queue failed rows")
+    actions = outbox_parser.add_subparsers(dest="action", required=True)
+    list_parser = actions.add_parser("list", help="outbox rows, newest first: a line per row")
+    list_parser.add_argument("--status", choices=["pending", "sent", "failed"])
+    list_parser.add_argument("--order", type=UUID, metavar="ORDER_ID")
+    list_parser.add_argument(
+        "--limit", type=_bounded(1, 10_000), default=100, help="rows at most (1 to 10000, default 100)"
+    )
+    retry_parser = actions.add_parser("retry", help="re-queue failed rows: pending and due now")
+    retry_parser.add_argument("ids", nargs="*", type=_bounded(1, 2**63 - 1), metavar="ID")
+    retry_parser.add_argument("--all-failed", action="store_true", help="every failed row")
     args = parser.parse_args(argv)
+    if args.command == "outbox" and args.action == "retry" and bool(args.ids) == args.all_failed:
+        retry_parser.error("give row ids or --all-failed, not both")
     if args.command == "dev":
         return dev(args.port)
     try:
@@ -160,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # pydantic ValidationError: say what is missing, no traceback
         print(f"orders: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if args.command == "outbox":
+        return outbox(settings, args)
     return serve(settings) if args.command == "serve" else migrate(settings)
 
 

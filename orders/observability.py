@@ -56,6 +56,17 @@ NOTIFICATIONS_FAILED = Counter(
 RELAY_LAG = Gauge(
     "orders_relay_lag_seconds", "Age of the oldest due, undelivered outbox row", multiprocess_mode="livemostrecent"
 )
+NOTIFICATIONS_OLDEST_PENDING = Gauge(
+    "orders_notifications_oldest_pending_seconds",
+    "Age of the oldest undelivered outbox row (due or backing off)",
+    multiprocess_mode="livemostrecent",
+)
+NOTIFICATIONS_FAILED_ROWS = Gauge(
+    "orders_notifications_failed_rows",
+    "Outbox rows given up (status failed) and not re-queued, by kind",
+    ["kind"],
+    multiprocess_mode="livemostrecent",
+)
 # From 0 in every process: increase() misses the first failure of a series that appears at 1,
 # and the OrdersNotificationsFailed alert (k8s/monitoring/prometheusrule.yaml) counts each one.
 for _kind in ("email", "audit"):

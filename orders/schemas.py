@@ -4,7 +4,7 @@ floats for integers, untrimmed-empty strings and oversized values are 422."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
@@ -198,3 +198,23 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
+
+
+class Notification(BaseModel):
+    """An outbox row as operators see it (GET /v1/admin/notifications); no payload."""
+
+    id: int
+    order_id: UUID
+    kind: Literal["email", "audit"]
+    topic: str
+    status: Literal["pending", "sent", "failed"]
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime
+    sent_at: datetime | None
+
+
+class NotificationPage(BaseModel):
+    items: list[Notification]
+    next_cursor: str | None

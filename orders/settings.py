@@ -76,12 +76,11 @@ class Settings(BaseSettings):
     # Orders of one customer that may be pending (unpaid) at once; 0: no cap.
     max_pending_orders_per_customer: int = Field(10, ge=0, le=1_000_000)
 
-    # Notification relay: how often it polls, how many rows a pass claims, when it gives up
-    # on a permanent failure (transient ones are retried forever, at most
-    # relay_backoff_max_s apart: docs/DEPLOYMENT.md).
+    # Notification relay: how often it polls, how many rows a pass claims (transient failures
+    # are retried forever, at most relay_backoff_max_s apart; permanent ones are final at
+    # once: docs/DEPLOYMENT.md).
     relay_interval_s: float = Field(1.0, gt=0)
     relay_batch: int = Field(50, ge=1, le=1000)
-    relay_max_attempts: int = Field(10, ge=1)
     relay_lease_s: float = Field(60.0, gt=0)
     relay_backoff_max_s: float = Field(300.0, gt=0)
     # Fast-path delivery batches (each one SMTP session) under way at once, per worker.

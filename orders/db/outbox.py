@@ -7,6 +7,8 @@ request's BackgroundTask and the relay of any replica never deliver one row twic
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import asyncpg
 
 ROW = "id, order_id, kind, topic, payload, attempts"
@@ -98,16 +100,62 @@ async def mark_retry(
 
 
 async def stats(conn: asyncpg.Connection) -> asyncpg.Record:
+    """Pending rows, the lag of the oldest due one and the age of the oldest one (through
+    outbox_pending_idx), and the `failed` rows by kind (through outbox_failed_idx)."""
     row = await conn.fetchrow(
         """
         SELECT count(*) AS pending,
                coalesce(extract(epoch FROM now() - min(next_attempt_at)
-                        FILTER (WHERE next_attempt_at <= now())), 0)::float8 AS lag_s
+                        FILTER (WHERE next_attempt_at <= now())), 0)::float8 AS lag_s,
+               coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_s,
+               (SELECT coalesce(jsonb_object_agg(kind, n), '{}')
+                  FROM (SELECT kind, count(*) AS n FROM outbox WHERE status = 'failed' GROUP BY kind) f) AS failed
           FROM outbox WHERE status = 'pending'
         """
     )
     assert row is not None
     return row
+
+
+# Operators' view (`orders outbox`, /v1/admin/notifications): newest first, by id.
+VIEW = "id, order_id, kind, topic, status, attempts, last_error, created_at, next_attempt_at, sent_at"
+
+
+async def page(
+    conn: asyncpg.Connection, *, status: str | None, order_id: UUID | None, before_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """Rows newest first, those before `before_id` (the previous page's last), filtered."""
+    return await conn.fetch(
+        f"""
+        SELECT {VIEW} FROM outbox
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR order_id = $2)
+           AND ($3::bigint IS NULL OR id < $3)
+         ORDER BY id DESC LIMIT $4
+        """,
+        status,
+        order_id,
+        before_id,
+        limit,
+    )
+
+
+async def get(conn: asyncpg.Connection, row_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {VIEW} FROM outbox WHERE id = $1", row_id)
+
+
+async def retry(conn: asyncpg.Connection, row_ids: list[int] | None) -> list[asyncpg.Record]:
+    """`failed` rows (these, or all when `row_ids` is None) become pending and due now, with
+    their attempts from 0 (a fresh backoff); one statement, so a row that is not `failed`
+    (pending, sent, or re-queued meanwhile by another operator) is left as it is and is never
+    sent twice. Returns the rows re-queued."""
+    return await conn.fetch(
+        f"""
+        UPDATE outbox SET status = 'pending', attempts = 0, claimed_until = NULL, next_attempt_at = now()
+         WHERE status = 'failed' AND ($1::bigint[] IS NULL OR id = ANY($1::bigint[]))
+        RETURNING {VIEW}
+        """,
+        row_ids,
+    )
 
 
 async def purge_sent(conn: asyncpg.Connection, older_than_hours: int, batch: int) -> int:

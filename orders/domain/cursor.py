@@ -62,3 +62,17 @@ def decode_sku_cursor(cursor: str) -> str:
     if len(value) != 1:
         raise BadCursor("malformed cursor")
     return str(value[0])
+
+
+def encode_id_cursor(row_id: int) -> str:
+    return _encode([str(row_id)])
+
+
+def decode_id_cursor(cursor: str) -> int:
+    value = _decode(cursor)
+    if len(value) != 1 or not str(value[0]).isascii() or not str(value[0]).isdigit():
+        raise BadCursor("malformed cursor")
+    row_id = int(str(value[0]))
+    if row_id > 2**63 - 1:  # a bigint
+        raise BadCursor("cursor out of range")
+    return row_id

@@ -14,9 +14,11 @@
   share the work without sending a row twice. A failed row backs off exponentially, up
   to `ORDERS_RELAY_BACKOFF_MAX_S`. Transient failures (the network, timeouts, 4xx
   replies, a session that cannot be opened) are retried for as long as it takes; a
-  permanent one (a 5xx reply to the row's message, an address that cannot be encoded)
-  makes the row `failed` once it has had `ORDERS_RELAY_MAX_ATTEMPTS` attempts (metric +
-  error log). The loop also replays recorded cache invalidations.
+  permanent one (a 5xx reply to the row's message, a refused recipient, an address that
+  cannot be encoded) makes the row `failed` at once (metric + error log): retrying it
+  would get the same answer. An operator re-queues it (`orders outbox retry`, or
+  POST /v1/admin/notifications/{id}/retry). The loop also replays recorded cache
+  invalidations.
 * Housekeeping, a task of its own every HOUSEKEEPING_S: the outbox metrics, and
   retention: sent rows and idempotency records past their retention are deleted batch
   after batch until none is left, so it keeps up with any sustained rate.
@@ -41,7 +43,14 @@ from orders.db import idempotency, outbox
 from orders.db.outbox import FAST_PATH_HEAD_START_S
 from orders.db.pool import connection
 from orders.notify.email import Mailer, render
-from orders.observability import NOTIFICATIONS_FAILED, NOTIFICATIONS_PENDING, NOTIFICATIONS_SENT, RELAY_LAG
+from orders.observability import (
+    NOTIFICATIONS_FAILED,
+    NOTIFICATIONS_FAILED_ROWS,
+    NOTIFICATIONS_OLDEST_PENDING,
+    NOTIFICATIONS_PENDING,
+    NOTIFICATIONS_SENT,
+    RELAY_LAG,
+)
 from orders.settings import Settings
 
 log = structlog.get_logger("orders.notify")
@@ -225,9 +234,8 @@ class Relay:
             await outbox.mark_sent(conn, ids, kind)
 
     async def _failed(self, failures: list[tuple[asyncpg.Record, BaseException, bool]]) -> None:
-        """Rows that failed, each with its error and whether it was transient: each backs
-        off by its attempts; a permanent failure gives up at the cap of attempts (which
-        counts every try, so after a long outage the first permanent failure is final).
+        """Rows that failed, each with its error and whether it was transient: a transient
+        failure backs off by the row's attempts, a permanent one is final at once.
         One statement records them all."""
         if not failures:
             return
@@ -235,7 +243,7 @@ class Relay:
         errors = [f"{type(exc).__name__}: {exc}"[:500] for _, exc, _ in failures]
         delays, give_ups = [], []
         for row, exc, is_transient in failures:
-            give_up = not is_transient and row["attempts"] >= self.settings.relay_max_attempts
+            give_up = not is_transient
             delay = backoff(row["attempts"], self.settings.relay_backoff_max_s)
             delays.append(delay)
             give_ups.append(give_up)
@@ -299,6 +307,9 @@ class Relay:
                     stats = await outbox.stats(conn)
                 NOTIFICATIONS_PENDING.set(stats["pending"])
                 RELAY_LAG.set(stats["lag_s"])
+                NOTIFICATIONS_OLDEST_PENDING.set(stats["oldest_s"])
+                for kind in ("email", "audit"):
+                    NOTIFICATIONS_FAILED_ROWS.labels(kind).set(stats["failed"].get(kind, 0))
                 await self.purge_expired()
             except Exception as exc:
                 log.warning("housekeeping_failed", error=type(exc).__name__)

@@ -166,14 +166,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def test_a_permanent_failure_gives_up_after_the_cap_a_transient_one_never(make_settings, isolated_db, isolated_pool):
-    """550 to a recipient is final after ORDERS_RELAY_MAX_ATTEMPTS; 450 is retried long past
-    it; a good address in between is delivered all along."""
+async def test_a_permanent_failure_is_final_at_once_a_transient_one_never(make_settings, isolated_db, isolated_pool):
+    """550 to a recipient is final after its first attempt (it used to be retried ten
+    times); 450 is retried again and again; a good address in between is delivered all along."""
     sink = RefusingSink({"refused@example.com": "550 5.1.1 no such user", "busy@example.com": "450 4.2.1 try later"})
     sink.start()
     try:
         settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1,
-                                 relay_backoff_max_s=0.2, relay_max_attempts=3)
+                                 relay_backoff_max_s=0.2)
         async with running_app(settings) as c:
             # The counters belong to this test process, which runs other apps too.
             before = (await c.get("/metrics")).text
@@ -193,7 +193,7 @@ async def test_a_permanent_failure_gives_up_after_the_cap_a_transient_one_never(
 
             await wait_for(settled, timeout=30)
             final = await email_row(refused)
-            assert final["attempts"] == 3 and "550" in final["last_error"]
+            assert final["attempts"] == 1 and "550" in final["last_error"]
             assert (await email_row(busy))["status"] == "pending"
             assert (await email_row(good))["status"] == "sent"
             assert _by_id(sink, f"<order-{good}.created@orders>")
@@ -204,7 +204,7 @@ async def test_a_permanent_failure_gives_up_after_the_cap_a_transient_one_never(
                 return _metric(after, name, kind="email", final=final) - _metric(before, name, kind="email", final=final)
 
             assert failed("true") == 1
-            assert failed("false") >= 2 + 5  # the 550 before the cap, the 450 every time
+            assert failed("false") >= 5  # the 450 every time
             async with isolated_pool.acquire() as conn:
                 # The audit entries did not depend on SMTP and were delivered.
                 assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE order_id = ANY($1::uuid[])",
@@ -214,13 +214,13 @@ async def test_a_permanent_failure_gives_up_after_the_cap_a_transient_one_never(
 
 
 def test_an_smtp_outage_past_the_old_give_up_loses_no_email(base_env, isolated_db, tmp_path):
-    """`orders serve` with ORDERS_RELAY_MAX_ATTEMPTS=2 and a 0.5 s backoff cap: the relay used
-    to fail every row for good at its 2nd attempt, about 2 s into an outage. SMTP stays down
-    until each row has had 6 attempts, then comes back on the same port: every email arrives,
-    exactly once, and nothing was ever final."""
+    """`orders serve` with a 0.5 s backoff cap: the relay used to fail every row for good at
+    its 2nd attempt (under a cap of 2 attempts, a setting since removed), about 2 s into an
+    outage. SMTP stays down until each row has had 6 attempts, then comes back on the same
+    port: every email arrives, exactly once, and nothing was ever final."""
     port = free_port()  # nothing listens there yet
     server = ServerProcess(base_env, tmp_path, ORDERS_DATABASE_URL=isolated_db, ORDERS_SMTP_PORT=str(port),
-                           ORDERS_RELAY_MAX_ATTEMPTS="2", ORDERS_RELAY_BACKOFF_MAX_S="0.5",
+                           ORDERS_RELAY_BACKOFF_MAX_S="0.5",
                            ORDERS_RELAY_INTERVAL_S="0.2", ORDERS_SMTP_TIMEOUT_S="2")
     sink = SmtpSink(port=port)
 
@@ -280,7 +280,7 @@ async def test_a_bad_address_mid_batch_fails_alone(make_settings, isolated_db, i
     (UnicodeEncodeError after MAIL FROM, then "503 nested MAIL command")."""
     port = free_port()
     # The relay's own loop makes one pass at start, then sleeps: the test runs the batch.
-    settings = make_settings(database_url=isolated_db, smtp_port=port, relay_interval_s=3600, relay_max_attempts=1)
+    settings = make_settings(database_url=isolated_db, smtp_port=port, relay_interval_s=3600)
     sink = SmtpSink(port=port)
     try:
         async with running_app(settings) as c:
@@ -363,7 +363,7 @@ async def test_a_slow_smtp_server_never_gets_a_row_twice(make_settings, isolated
     claim batches that would outlast the lease; nothing may be sent twice."""
     port = free_port()
     settings = make_settings(database_url=isolated_db, smtp_port=port, relay_lease_s=1.0,
-                             relay_interval_s=0.1, relay_backoff_max_s=0.3, relay_max_attempts=50)
+                             relay_interval_s=0.1, relay_backoff_max_s=0.3)
     sink = SlowSink(port=port)
     try:
         async with running_app(settings) as a, running_app(settings) as b:
