@@ -13,13 +13,14 @@ import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from orders.api import admin, docs, health, orders, products
 from orders.api.openapi import add_schemas
 from orders.api.problems import install_handlers, internal_error
 from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
+from orders.middleware import HttpMiddleware
 from orders.observability import RequestContext, configure_logging, pool_gauges
 from orders.resources import open_resources
 from orders.schemas import OrderCreate, ProductIn, StatusChange
@@ -31,19 +32,13 @@ EXPOSED_HEADERS = ["ETag", "Location", "X-Request-ID", "Idempotent-Replayed", "R
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "X-Request-ID"]
 
 
-class CatchAll:
+class CatchAll(HttpMiddleware):
     """Innermost safety net: an unexpected exception becomes a bare 500 problem (the
     traceback goes to the log, never to the client), inside RequestContext so that it
     still carries X-Request-ID. A client that went away while its body was being read
     is no server error: an info line, and no answer (RequestContext counts it as 499)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:

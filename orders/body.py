@@ -13,22 +13,20 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orders.errors import PayloadTooLarge, ValidationFailed, validation_errors
+from orders.middleware import HttpMiddleware
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class BodyLimit:
+class BodyLimit(HttpMiddleware):
     """Raises PayloadTooLarge from `receive` once a body passes `max_bytes` (or says
     it will, by Content-Length): nothing larger is ever buffered."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = 0
         for name, value in scope["headers"]:
             if name == b"content-length":

@@ -37,3 +37,12 @@ def order_doc(row: asyncpg.Record | dict[str, Any], items: list[dict[str, Any]] 
         "created_at": rfc3339(row["created_at"]),
         "updated_at": rfc3339(row["updated_at"]),
     }
+
+
+def notification_doc(row: asyncpg.Record) -> dict[str, Any]:
+    """An outbox row as staff see it (GET /v1/admin/notifications)."""
+    doc = {name: row[name] for name in ("id", "kind", "topic", "status", "attempts", "last_error")}
+    doc["order_id"] = str(row["order_id"])
+    for name in ("created_at", "next_attempt_at", "sent_at"):
+        doc[name] = row[name] and rfc3339(row[name])
+    return doc

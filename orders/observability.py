@@ -25,7 +25,9 @@ import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from orders.middleware import HttpMiddleware
 
 if TYPE_CHECKING:
     import asyncpg
@@ -218,16 +220,10 @@ def _request_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
     return pair
 
 
-class RequestContext:
+class RequestContext(HttpMiddleware):
     """X-Request-ID in and out, one access log line and the HTTP metrics per request."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":

@@ -6,27 +6,10 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-import asyncpg
-
-from orders.documents import rfc3339
+from orders.documents import notification_doc
 from orders.domain.cursor import encode_id_cursor
 from orders.errors import InvalidTransition, NotFound
 from orders.service.unit_of_work import UnitOfWork
-
-
-def notification_doc(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "order_id": str(row["order_id"]),
-        "kind": row["kind"],
-        "topic": row["topic"],
-        "status": row["status"],
-        "attempts": row["attempts"],
-        "last_error": row["last_error"],
-        "created_at": rfc3339(row["created_at"]),
-        "next_attempt_at": rfc3339(row["next_attempt_at"]),
-        "sent_at": rfc3339(row["sent_at"]) if row["sent_at"] else None,
-    }
 
 
 async def list_notifications(
