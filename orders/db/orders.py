@@ -8,6 +8,8 @@ from uuid import UUID
 
 import asyncpg
 
+from orders import tracing
+
 ORDER_COLUMNS = """
     o.id, o.customer_id, o.status, o.currency::text AS currency, o.email,
     o.subtotal, o.total, o.shipping_address, o.version, o.created_at, o.updated_at
@@ -73,8 +75,8 @@ WITH customer AS (
     INSERT INTO order_events (order_id, type, actor, data, at)
     SELECT $1::uuid, 'order.created', $2::text, $15::jsonb, $8::timestamptz FROM ok WHERE ok.ok
 ), outbox_rows AS (
-    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at)
-    SELECT $1::uuid, t.kind, t.topic, t.payload, $8::timestamptz + make_interval(secs => $16::float8)
+    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at, trace_context)
+    SELECT $1::uuid, t.kind, t.topic, t.payload, $8::timestamptz + make_interval(secs => $16::float8), $28::jsonb
       FROM unnest($17::text[], $18::text[], $19::jsonb[]) AS t(kind, topic, payload), ok WHERE ok.ok
     RETURNING id
 ), idem AS (
@@ -140,6 +142,7 @@ async def place(
         [t[2] for t in terms],
         [t[3] for t in terms],
         max_pending,
+        tracing.carrier(),  # trace_context: the request's, for the delivery span
     )
     assert row is not None
     return row
@@ -218,8 +221,8 @@ WITH customer AS MATERIALIZED (
     INSERT INTO order_events (order_id, type, actor, data)
     VALUES ($1, $3, $4, $5)
 ), outbox_rows AS (
-    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at)
-    SELECT $1, t.kind, t.topic, t.payload, now() + make_interval(secs => $7)
+    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at, trace_context)
+    SELECT $1, t.kind, t.topic, t.payload, now() + make_interval(secs => $7), $11::jsonb
       FROM unnest($8::text[], $9::text[], $10::jsonb[]) AS t(kind, topic, payload)
     RETURNING id
 )
@@ -254,6 +257,7 @@ async def change_status(
         [o[0] for o in outbox],
         [o[1] for o in outbox],
         [o[2] for o in outbox],
+        tracing.carrier(),  # trace_context: the request's, for the delivery span
     )
     assert row is not None
     return row

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
-ROW = "id, order_id, kind, topic, payload, attempts"
+ROW = "id, order_id, kind, topic, payload, attempts, trace_context"
 
 CLAIM_IDS_SQL = f"""
 UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), attempts = attempts + 1
