@@ -11,13 +11,16 @@ import gzip
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import asyncpg
+import grpc
 import httpx
 import pytest
 import structlog
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -94,12 +97,39 @@ class OtlpReceiver:
         self.server.server_close()
 
 
+class OtlpGrpcReceiver(OtlpReceiver):
+    """The same over OTLP/gRPC: the TraceService's Export."""
+
+    def __init__(self) -> None:
+        self.spans = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
+                receiver.add(request)
+                return ExportTraceServiceResponse()
+
+        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.grpc)
+        self.url = f"http://127.0.0.1:{self.grpc.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> OtlpGrpcReceiver:
+        self.grpc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.grpc.stop(grace=None)
+
+
 def _value(v: Any) -> Any:
     return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
 
 
 @pytest.fixture(scope="module")
-def traced(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, OtlpReceiver]]:
+def traced(
+    base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, OtlpReceiver]]:
     """`orders serve` exporting to the receiver, a span batch every 100 ms."""
     with OtlpReceiver() as receiver:
         server = ServerProcess(
@@ -127,10 +157,16 @@ async def test_an_order_and_its_deliveries_are_one_trace(traced: tuple[ServerPro
     server, receiver = traced
     with httpx.Client(base_url=server.url, timeout=10) as c:
         sku = f"T-{uuid.uuid4().hex[:12]}"
-        r = c.put(f"/v1/products/{sku}", headers=ADMIN, json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 5})
+        r = c.put(
+            f"/v1/products/{sku}", headers=ADMIN, json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 5}
+        )
         assert r.status_code == 201, r.text
         start = len(receiver.spans)
-        r = c.post("/v1/orders", headers={**auth("cust-traced"), "Idempotency-Key": uuid.uuid4().hex}, json=order_body((sku, 1)))
+        r = c.post(
+            "/v1/orders",
+            headers={**auth("cust-traced"), "Idempotency-Key": uuid.uuid4().hex},
+            json=order_body((sku, 1)),
+        )
         assert r.status_code == 201, r.text
         order_id = r.json()["id"]
 
@@ -153,7 +189,9 @@ async def test_an_order_and_its_deliveries_are_one_trace(traced: tuple[ServerPro
     # The outbox rows carry the request's context in the database, for any replica.
     conn = await asyncpg.connect(server.env["ORDERS_DATABASE_URL"])
     try:
-        stored = await conn.fetch("SELECT trace_context->>'traceparent' AS tp FROM outbox WHERE order_id = $1", uuid.UUID(order_id))
+        stored = await conn.fetch(
+            "SELECT trace_context->>'traceparent' AS tp FROM outbox WHERE order_id = $1", uuid.UUID(order_id)
+        )
     finally:
         await conn.close()
     assert [row["tp"][:-3] for row in stored] == [f"00-{trace_id}-{request['span_id']}"] * 2
@@ -184,6 +222,24 @@ async def test_an_incoming_traceparent_is_continued(traced: tuple[ServerProcess,
     spans = await wait_for(lambda: receiver.trace(trace_id))
     [request] = [s for s in spans if s["parent"] == parent]
     assert request["attributes"]["http.route"] == "/v1/products"
+
+
+@pytest.mark.slow
+async def test_traces_go_over_grpc_when_the_protocol_says_so(base_env: dict[str, str], tmp_path) -> None:
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    with OtlpGrpcReceiver() as receiver:
+        server = ServerProcess(
+            base_env, tmp_path,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )  # fmt: skip
+        with server, httpx.Client(base_url=server.url, timeout=10) as c:
+            r = c.get("/v1/products", headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+            assert r.status_code == 200, r.text
+            spans = await wait_for(lambda: receiver.trace(trace_id))
+    [request] = [s for s in spans if s["parent"] == parent]
+    assert request["kind"] == SERVER and request["service"] == "orders"
 
 
 async def test_no_instrumentation_without_otel_variables(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:
