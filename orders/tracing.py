@@ -31,6 +31,7 @@ DEFAULT_EXCLUDED_URLS = "/healthz$,/readyz$,/metrics$"
 FLUSH_TIMEOUT_MS = 5000
 
 _provider: TracerProvider | None = None
+_OFF = nullcontext()  # what the context managers below are while tracing is off
 
 
 def wanted(environ: Mapping[str, str] = os.environ) -> bool:
@@ -151,13 +152,16 @@ def carrier() -> dict[str, str] | None:
     return headers or None
 
 
-@contextmanager
-def delivery_span(name: str, stored: Mapping[str, str] | None, attributes: dict[str, Any]) -> Iterator[None]:
+def delivery_span(name: str, stored: Mapping[str, str] | None, attributes: dict[str, Any]) -> Any:
     """A span for one outbox row's delivery, a child of the request that wrote the row
     (its stored context), or a root span for a row written without one."""
     if _provider is None:
-        yield
-        return
+        return _OFF
+    return _delivery_span(name, stored, attributes)
+
+
+@contextmanager
+def _delivery_span(name: str, stored: Mapping[str, str] | None, attributes: dict[str, Any]) -> Iterator[None]:
     from opentelemetry import propagate, trace
 
     parent = propagate.extract(stored) if stored else None
@@ -171,7 +175,7 @@ def untraced() -> Any:
     bookkeeping, which serve many orders at once, would each start a trace of their own).
     Tasks created inside inherit it."""
     if _provider is None:
-        return nullcontext()
+        return _OFF
     from opentelemetry.instrumentation.utils import suppress_instrumentation
 
     return suppress_instrumentation()
