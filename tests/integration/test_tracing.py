@@ -28,6 +28,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from orders import tracing
+from orders.dev.process import free_port
 from tests.conftest import ADMIN, auth, make_product, order_body, place, wait_for
 from tests.server import ServerProcess
 
@@ -81,6 +82,7 @@ class OtlpReceiver:
                             "parent": s.parent_span_id.hex() or None,
                             "kind": s.kind,
                             "service": resource.get("service.name"),
+                            "instance": resource.get("service.instance.id"),
                             "attributes": attributes,
                         })  # fmt: skip
 
@@ -222,6 +224,51 @@ async def test_an_incoming_traceparent_is_continued(traced: tuple[ServerProcess,
     spans = await wait_for(lambda: receiver.trace(trace_id))
     [request] = [s for s in spans if s["parent"] == parent]
     assert request["attributes"]["http.route"] == "/v1/products"
+
+
+@pytest.mark.slow
+async def test_a_delivery_by_another_replica_joins_the_request_trace(
+    base_env: dict[str, str], isolated_db: str, tmp_path
+) -> None:
+    """Replica A takes the order while SMTP is down and stops; replica B delivers the email
+    later, in a span of A's request trace (the context stored with the outbox row)."""
+    with OtlpReceiver() as receiver:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        a = ServerProcess(
+            base_env, tmp_path, "a", ORDERS_DATABASE_URL=isolated_db, ORDERS_SMTP_PORT=str(free_port()),
+            ORDERS_SHUTDOWN_GRACE_S="2", OTEL_RESOURCE_ATTRIBUTES="service.instance.id=a", **otel,
+        )  # fmt: skip
+        with a, httpx.Client(base_url=a.url, timeout=10) as c:
+            sku = f"T-{uuid.uuid4().hex[:12]}"
+            r = c.put(
+                f"/v1/products/{sku}",
+                headers=ADMIN,
+                json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 5},
+            )
+            assert r.status_code == 201, r.text
+            r = c.post(
+                "/v1/orders",
+                headers={**auth("cust-replicas"), "Idempotency-Key": uuid.uuid4().hex},
+                json=order_body((sku, 1)),
+            )
+            assert r.status_code == 201, r.text
+            order_id = r.json()["id"]
+            request = await wait_for(lambda: _server_span(receiver, "/v1/orders"))
+        assert not [s for s in receiver.trace(request["trace_id"]) if s["name"] == "smtp send" and s["instance"] == "b"]
+        b = ServerProcess(
+            base_env, tmp_path, "b", ORDERS_DATABASE_URL=isolated_db, ORDERS_RELAY_INTERVAL_S="0.2",
+            OTEL_RESOURCE_ATTRIBUTES="service.instance.id=b", **otel,
+        )  # fmt: skip
+        with b:
+
+            def sent_by_b() -> list[dict[str, Any]]:
+                spans = receiver.trace(request["trace_id"])
+                return [s for s in spans if s["name"] == "smtp send" and s["instance"] == "b"]
+
+            # The row backs off after A's failed attempts (1 s, 2 s, ...): B sends it then.
+            [delivery] = await wait_for(sent_by_b, timeout=30)
+    assert delivery["parent"] == request["span_id"] and request["instance"] == "a"
+    assert delivery["attributes"]["orders.order.id"] == order_id
 
 
 @pytest.mark.slow
