@@ -1,7 +1,7 @@
 """OpenTelemetry tracing, off unless the standard OTEL_* variables ask for it.
 
-Off (the default), nothing of OpenTelemetry is imported or installed: no middleware, no
-wrapped driver, and every helper here returns after one test of a module global.
+Off (the default), nothing is set up: no provider, no middleware, no wrapped driver, no
+log processor, and every helper here returns after one test of a module global.
 On (`OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or
 `OTEL_TRACES_EXPORTER=otlp`), the SDK reads its own variables: the resource
 (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), the sampler (`OTEL_TRACES_SAMPLER[_ARG]`),
