@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import signal
 import threading
@@ -15,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
+from orders import tracing
 from orders.api import admin, docs, health, orders, products
 from orders.api.openapi import add_schemas
 from orders.api.problems import install_handlers, internal_error
@@ -29,7 +31,16 @@ from orders.settings import Settings
 log = structlog.get_logger("orders.app")
 
 EXPOSED_HEADERS = ["ETag", "Location", "X-Request-ID", "Idempotent-Replayed", "Retry-After"]
-ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "X-Request-ID"]
+# traceparent/tracestate: the checkout frontend's trace continues here (orders/tracing.py).
+ALLOWED_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-Match",
+    "X-Request-ID",
+    "traceparent",
+    "tracestate",
+]
 
 
 class CatchAll(HttpMiddleware):
@@ -102,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGTERM, previous)
+        await asyncio.to_thread(tracing.flush)  # the relay's last deliveries included
 
     app = FastAPI(
         title="orders",
@@ -141,4 +153,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    tracing.instrument(app)
     return app

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import Message, Receive, Scope, Send
 
+from orders import tracing
 from orders.middleware import HttpMiddleware
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """structlog for our lines, stdlib (uvicorn, asyncio) rendered by the same chain."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *tracing.log_processors(),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,

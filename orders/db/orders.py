@@ -8,6 +8,7 @@ from uuid import UUID
 
 import asyncpg
 
+from orders import tracing
 from orders.db.outbox import FAST_PATH_HEAD_START_S
 
 ORDER_COLUMNS = """
@@ -68,8 +69,8 @@ WITH customer AS (
     INSERT INTO order_events (order_id, type, actor, data, at)
     SELECT $1::uuid, 'order.created', $2::text, $15::jsonb, $8::timestamptz FROM ok WHERE ok.ok
 ), outbox_rows AS (
-    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at)
-    SELECT $1::uuid, t.kind, t.topic, t.payload, $8::timestamptz + make_interval(secs => $16::float8)
+    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at, trace_context)
+    SELECT $1::uuid, t.kind, t.topic, t.payload, $8::timestamptz + make_interval(secs => $16::float8), $28::jsonb
       FROM unnest($17::text[], $18::text[], $19::jsonb[]) AS t(kind, topic, payload), ok WHERE ok.ok
     RETURNING id
 ), idem AS (
@@ -124,6 +125,7 @@ class PlaceParams(NamedTuple):
     term_names: list[str]
     term_unit_prices: list[int]
     max_pending: int  # $27: the customer's cap of pending orders (0: none)
+    trace_context: dict[str, str] | None  # $28: the request's, for the delivery span
 
 
 async def place(
@@ -170,6 +172,7 @@ async def place(
         term_names=[t[2] for t in terms],
         term_unit_prices=[t[3] for t in terms],
         max_pending=max_pending,
+        trace_context=tracing.carrier(),
     )
     row = await conn.fetchrow(PLACE_SQL, *params)
     assert row is not None
@@ -249,8 +252,8 @@ WITH customer AS MATERIALIZED (
     INSERT INTO order_events (order_id, type, actor, data)
     VALUES ($1, $3, $4, $5)
 ), outbox_rows AS (
-    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at)
-    SELECT $1, t.kind, t.topic, t.payload, now() + make_interval(secs => $7)
+    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at, trace_context)
+    SELECT $1, t.kind, t.topic, t.payload, now() + make_interval(secs => $7), $11::jsonb
       FROM unnest($8::text[], $9::text[], $10::jsonb[]) AS t(kind, topic, payload)
     RETURNING id
 )
@@ -274,6 +277,7 @@ class ChangeParams(NamedTuple):
     outbox_kinds: list[str]  # $8 .. $10: the outbox rows
     outbox_topics: list[str]
     outbox_payloads: list[dict[str, Any]]
+    trace_context: dict[str, str] | None  # $11: the request's, for the delivery span
 
 
 async def change_status(
@@ -289,7 +293,15 @@ async def change_status(
 ) -> asyncpg.Record:
     # In field order; the keyword parameters above carry the names.
     params = ChangeParams(
-        order_id, status, event_type, actor, event_data, release_stock, FAST_PATH_HEAD_START_S, *_columns(outbox, 3)
+        order_id,
+        status,
+        event_type,
+        actor,
+        event_data,
+        release_stock,
+        FAST_PATH_HEAD_START_S,
+        *_columns(outbox, 3),
+        tracing.carrier(),
     )
     row = await conn.fetchrow(CHANGE_SQL, *params)
     assert row is not None

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
-ROW = "id, order_id, kind, topic, payload, attempts"
+ROW = "id, order_id, kind, topic, payload, attempts, trace_context"
 
 # A new row is due this long after its commit: until then the relay leaves it to the
 # request that wrote it (its BackgroundTask dispatches it at once).

@@ -39,6 +39,7 @@ import aiosmtplib
 import asyncpg
 import structlog
 
+from orders import tracing
 from orders.db import idempotency, outbox
 from orders.db.outbox import FAST_PATH_HEAD_START_S
 from orders.db.pool import connection
@@ -70,6 +71,14 @@ SESSION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+
+
+def _span_attributes(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "orders.outbox.id": row["id"],
+        "orders.order.id": str(row["order_id"]),
+        "orders.outbox.attempt": row["attempts"],
+    }
 
 
 class LeaseBudgetSpent(Exception):
@@ -183,7 +192,10 @@ class Relay:
             return 0
         for row in rows:
             p: dict[str, Any] = row["payload"]
-            with structlog.contextvars.bound_contextvars(request_id=p.get("request_id"), order_id=str(row["order_id"])):
+            with (
+                tracing.delivery_span("audit", row["trace_context"], _span_attributes(row)),
+                structlog.contextvars.bound_contextvars(request_id=p.get("request_id"), order_id=str(row["order_id"])),
+            ):
                 audit_log.info("audit", action=p["action"], actor=p["actor"], before=p["before"], after=p["after"])
         NOTIFICATIONS_SENT.labels("audit").inc(len(rows))
         return len(rows)
@@ -204,7 +216,8 @@ class Relay:
                         raise LeaseBudgetSpent("the batch outlasted half its lease; the rest is retried")
                     row = remaining[0]
                     try:
-                        await self.mailer.send(smtp, render(row["payload"], self.settings.mail_from))
+                        with tracing.delivery_span("smtp send", row["trace_context"], _span_attributes(row)):
+                            await self.mailer.send(smtp, render(row["payload"], self.settings.mail_from))
                     except SESSION_ERRORS:
                         raise
                     except Exception as exc:  # refused recipient and the like: this row only
@@ -271,9 +284,11 @@ class Relay:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._dispatcher = loop.create_task(self._dispatch_forever())
-        self._loop_task = loop.create_task(self._run())
-        self._housekeeper = loop.create_task(self._housekeep_forever())
+        # The relay's own statements are not traced; each delivery is, in its request's trace.
+        with tracing.untraced():
+            self._dispatcher = loop.create_task(self._dispatch_forever())
+            self._loop_task = loop.create_task(self._run())
+            self._housekeeper = loop.create_task(self._housekeep_forever())
 
     async def _run(self) -> None:
         while not self._stopping.is_set():

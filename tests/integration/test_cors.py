@@ -58,6 +58,14 @@ async def test_preflight_with_if_match_for_a_cancel_is_allowed(cors_client):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED
 
 
+async def test_preflight_with_the_frontends_trace_context_is_allowed(cors_client):
+    """The checkout's browser tracing sends W3C `traceparent`/`tracestate` (orders/tracing.py)."""
+    headers = "authorization, content-type, idempotency-key, traceparent, tracestate"
+    r = await _preflight(cors_client, "/v1/orders", ALLOWED, "POST", headers)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED
+    assert {"traceparent", "tracestate"} <= _list(r.headers["access-control-allow-headers"])
+
+
 def _assert_refused_preflight(r: httpx.Response) -> None:
     assert r.status_code == 400
     assert "access-control-allow-origin" not in r.headers
