@@ -391,6 +391,7 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
             25: names,
             26: ":prices",
             27: "0",  # no pending cap, as the bench's service runs (its customers never pay)
+            28: "NULL",  # no trace context: the service runs with tracing off
         },
     )
     assert place.startswith("WITH ")
