@@ -40,6 +40,9 @@ INTEREST = [  # (label, regex on one frame "Qualified.name (path/file.py:line)")
 ]
 
 
+ROOT = str(Path(__file__).resolve().parents[2]) + "/"
+
+
 def package(file: str) -> str:
     if "site-packages/" in file:
         rest = file.split("site-packages/", 1)[1]
@@ -90,7 +93,7 @@ def main(path: str, top: int = 25) -> None:
     for fn, n in self_fn.most_common(top):
         short = re.sub(r"/[^ ]*site-packages/", "", fn)
         short = re.sub(r"/[^ ]*/lib/python3\.\d+/", "", short)
-        short = re.sub(r"/work/main/", "", short)
+        short = short.replace(ROOT, "")
         print(f"| {short} | {100 * n / total:.1f} |")
 
 
