@@ -141,7 +141,8 @@ ORDER_REF = "#/components/schemas/Order"
 
 def _declare_headers(spec: dict[str, Any]) -> None:
     """The response headers of docs/API.md, declared from what the code does for every
-    route alike: X-Request-ID on every answer (and accepted on every request), ETag on
+    route alike: X-Request-ID on every answer (and accepted on every request, as is the
+    W3C trace context), ETag on
     every answer that is one order, Location and Idempotent-Replayed on a creation that
     takes an Idempotency-Key, whose 409 idempotency-in-progress carries Retry-After."""
     components = spec["components"]
@@ -154,9 +155,21 @@ def _declare_headers(spec: dict[str, Any]) -> None:
         "description": "1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line",
         "schema": {"type": "string"},
     }
+    # W3C trace context: continued when tracing is on (docs/API.md, Operations), else ignored.
+    for name in ("traceparent", "tracestate"):
+        components["parameters"][name] = {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": "W3C trace context of the caller's trace, continued when tracing is on",
+            "schema": {"type": "string"},
+        }
+    trace_refs = [{"$ref": f"#/components/parameters/{name}"} for name in ("traceparent", "tracestate")]
     for operations in spec.get("paths", {}).values():
         for operation in operations.values():
-            operation.setdefault("parameters", []).append({"$ref": "#/components/parameters/X-Request-ID"})
+            operation.setdefault("parameters", []).extend(
+                [{"$ref": "#/components/parameters/X-Request-ID"}, *trace_refs]
+            )
             idempotent = any(p.get("name") == "Idempotency-Key" for p in operation["parameters"])
             for code, response in operation.get("responses", {}).items():
                 headers = response.setdefault("headers", {})

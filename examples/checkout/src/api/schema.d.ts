@@ -479,6 +479,10 @@ export interface components {
     parameters: {
         /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
         "X-Request-ID": string;
+        /** @description W3C trace context of the caller's trace, continued when tracing is on */
+        traceparent: string;
+        /** @description W3C trace context of the caller's trace, continued when tracing is on */
+        tracestate: string;
     };
     requestBodies: never;
     headers: {
@@ -495,6 +499,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -521,6 +529,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -543,6 +555,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -591,6 +607,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -659,6 +679,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 notification_id: string;
@@ -745,6 +769,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -805,6 +833,10 @@ export interface operations {
                 "Idempotency-Key": string;
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -917,6 +949,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 order_id: string;
@@ -981,6 +1017,10 @@ export interface operations {
                 "If-Match"?: string;
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 order_id: string;
@@ -1063,6 +1103,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 order_id: string;
@@ -1125,6 +1169,10 @@ export interface operations {
                 "If-Match"?: string;
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 order_id: string;
@@ -1244,6 +1292,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path?: never;
             cookie?: never;
@@ -1290,6 +1342,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 sku: string;
@@ -1338,6 +1394,10 @@ export interface operations {
             header?: {
                 /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
                 "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
             };
             path: {
                 sku: string;
