@@ -11,30 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlencode
 
 from orders.auth import mint
+from orders.dev.process import wait_for_http
 from orders.settings import Settings
 
 HERE = Path(__file__).resolve().parent
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"orders dev exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.3)
-    sys.exit(f"{url} not ready within {timeout} s")
 
 
 def main() -> int:
@@ -49,7 +33,10 @@ def main() -> int:
     try:
         service = subprocess.Popen([sys.executable, "-m", "orders", "dev", "--port", str(api_port)], env=env)
         procs.append(service)
-        wait_ready(f"{api}/readyz", service)
+        try:
+            wait_for_http(f"{api}/readyz", service, 120)
+        except (RuntimeError, TimeoutError) as exc:
+            sys.exit(str(exc))
         vite = HERE / "node_modules" / ".bin" / "vite"
         procs.append(subprocess.Popen([str(vite), "preview", "--port", str(page_port), "--strictPort"], cwd=HERE))
         settings = Settings(_env_file=None, dev=True, jwt_secret=secret)  # type: ignore[call-arg]
@@ -57,7 +44,9 @@ def main() -> int:
         print(f"\n  checkout page  {page}/?{urlencode({'api': api, 'token': token})}\n", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
-        return 1
+        # One ended first: on Ctrl-C the terminal's SIGINT may reach it before this process.
+        ended = [p.returncode for p in procs if p.returncode is not None]
+        return 0 if all(code in (0, -signal.SIGINT, 130) for code in ended) else 1
     except KeyboardInterrupt:
         return 0
     finally:

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
@@ -32,6 +31,7 @@ import redis
 
 from orders.auth import mint
 from orders.dev.postgres import EmbeddedPostgres
+from orders.dev.process import free_port, wait_for_http
 from orders.dev.redis import EmbeddedRedis
 from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
@@ -53,31 +53,10 @@ CUSTOMERS = ["buyer", "retry", "busy", "reload", "errors", "limited", "history"]
 RATE_LIMIT = 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
 def ensure_chromium() -> None:
@@ -211,8 +190,8 @@ def main() -> int:
             cwd=PAGE_DIR,
         )
         try:
-            wait_http(f"{api}/readyz", 60, server)
-            wait_http(page, 30, preview)
+            wait_for_http(f"{api}/readyz", server, 60)
+            wait_for_http(page, preview, 30)
         except Exception:
             for log in ("server.log", "vite.log"):
                 sys.stderr.write(f"--- {log}\n{(work / log).read_text(errors='replace')[-3000:]}\n")
