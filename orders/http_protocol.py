@@ -51,10 +51,12 @@ ANSWERS = {
 
 @dataclass(frozen=True)
 class Limits:
-    max_header_bytes: int = 16384
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 15.0
-    max_connections: int = 1000
+    """The guards' settings (their defaults are those of orders.settings)."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
