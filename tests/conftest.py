@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -30,21 +27,12 @@ from asgi_lifespan import LifespanManager
 from orders.app import create_app
 from orders.auth import mint
 from orders.db.pool import init_connection
-from orders.dev.postgres import EmbeddedPostgres
-from orders.dev.redis import EmbeddedRedis
+from orders.dev.postgres import fresh_database, server_dsn
+from orders.dev.redis import server_url
 from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
 
 JWT_SECRET = "test-only-jwt-secret-0123456789-abcdefghij"
-
-
-def listening(port: int, host: str = "127.0.0.1") -> bool:
-    """Something accepts TCP connections on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -56,40 +44,8 @@ def tmp_root() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def pg_admin_dsn(tmp_root: Path) -> Iterator[str]:
     """A DSN of a server where we may create databases."""
-    dsn = os.environ.get("ORDERS_TEST_DATABASE_URL")
-    if dsn:
+    with server_dsn(tmp_root) as dsn:
         yield dsn
-        return
-    if listening(5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres"
-        return
-    server = EmbeddedPostgres(tmp_root)
-    yield server.start()
-    server.stop()
-
-
-def _with_db(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
-@contextmanager
-def fresh_database(admin_dsn: str, prefix: str) -> Iterator[str]:
-    """A new, empty database on the server of `admin_dsn`, dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(admin_dsn, timeout=10)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield _with_db(admin_dsn, name)
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")
@@ -117,16 +73,8 @@ async def isolated_pool(isolated_db: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_root: Path) -> Iterator[str]:
-    url = os.environ.get("ORDERS_TEST_REDIS_URL")
-    if url:
+    with server_url(tmp_root) as url:
         yield url
-        return
-    if listening(6379):
-        yield "redis://127.0.0.1:6379/9"
-        return
-    server = EmbeddedRedis(tmp_root)
-    yield server.start()
-    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -27,18 +27,23 @@ non-root uid: 1, owned by root: 2).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from orders.dev import process
 from orders.dev.process import HOST, EmbeddedServer, PortInUse
@@ -414,3 +419,41 @@ class EmbeddedPostgres(EmbeddedServer):
             f"PostgreSQL did not start on port {port} within {self._start_timeout} s "
             f"({runner.description}), see {self.logfile}:\n{tail}"
         )
+
+
+@contextlib.contextmanager
+def server_dsn(root: Path) -> Iterator[str]:
+    """A DSN of a server where the tests (and the e2e run) may create databases:
+    $ORDERS_TEST_DATABASE_URL, else the machine's on 127.0.0.1:5432, else an embedded
+    one under `root`, stopped afterwards."""
+    dsn = os.environ.get("ORDERS_TEST_DATABASE_URL")
+    if dsn:
+        yield dsn
+    elif process.listening(5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+    else:
+        with EmbeddedPostgres(root) as server:
+            yield server.url
+
+
+def with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of `admin_dsn`, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(admin_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

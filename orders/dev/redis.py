@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,17 @@ class EmbeddedRedis(EmbeddedServer):
             f"{self.executable.name} did not start on port {port} within {self._start_timeout} s, "
             f"see {self.logfile}:\n{tail}"
         )
+
+
+@contextlib.contextmanager
+def server_url(root: Path) -> Iterator[str]:
+    """The Redis of the tests (and the e2e run): $ORDERS_TEST_REDIS_URL, else the
+    machine's on 127.0.0.1:6379 (db 9), else an embedded one under `root`, stopped afterwards."""
+    url = os.environ.get("ORDERS_TEST_REDIS_URL")
+    if url:
+        yield url
+    elif process.listening(6379):
+        yield "redis://127.0.0.1:6379/9"
+    else:
+        with EmbeddedRedis(root) as server:
+            yield server.url

@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orders.dev.process import free_port
-from tests.conftest import listening
+from orders.dev.process import free_port, listening
 
 pytestmark = pytest.mark.slow
 

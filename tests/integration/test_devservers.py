@@ -17,10 +17,9 @@ import redis
 from orders.dev import postgres, process
 from orders.dev import redis as dev_redis
 from orders.dev.postgres import EmbeddedPostgres
-from orders.dev.process import free_port
+from orders.dev.process import free_port, listening
 from orders.dev.redis import EmbeddedRedis
 from orders.dev.smtp import SmtpSink
-from tests.conftest import listening
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,13 +11,11 @@ happens. Run from the repo root, after `npm ci` and `npm run build` in examples/
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,13 +24,12 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-import asyncpg
 import redis
 
 from orders.auth import mint
-from orders.dev.postgres import EmbeddedPostgres
+from orders.dev.postgres import fresh_database, server_dsn
 from orders.dev.process import free_port, wait_for_http
-from orders.dev.redis import EmbeddedRedis
+from orders.dev.redis import server_url
 from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
 
@@ -51,12 +48,6 @@ CATALOG = [
 # One customer per scenario, so that none sees another's orders, rate limit or pending cap.
 CUSTOMERS = ["buyer", "retry", "busy", "reload", "errors", "limited", "history"]
 RATE_LIMIT = 6
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def ensure_chromium() -> None:
@@ -93,22 +84,6 @@ def start(
     return proc
 
 
-async def create_db(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def drop_db(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn, timeout=10)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def forget_keys(redis_url: str, prefix: str) -> None:
     with redis.Redis.from_url(redis_url, socket_timeout=5) as r:
         for key in r.scan_iter(match=prefix + "*", count=500):
@@ -133,7 +108,6 @@ def main() -> int:
     if not (PAGE_DIR / "dist" / "index.html").exists():
         sys.exit("examples/checkout/dist is missing: run `npm run build` there first (make e2e does)")
     run_id = secrets.token_hex(4)
-    db_name = f"orders_e2e_{run_id}"
     prefix = f"orders-e2e-{run_id}:"
     api_port, page_port = free_port(), free_port()
     api, page = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
@@ -144,28 +118,14 @@ def main() -> int:
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="orders-e2e-"))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        admin_dsn = os.environ.get("ORDERS_TEST_DATABASE_URL", "")
-        if not admin_dsn and listening(5432):
-            admin_dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
-        elif not admin_dsn:
-            pg = EmbeddedPostgres(work)
-            admin_dsn = pg.start()
-            stack.callback(pg.stop)
-        redis_url = os.environ.get("ORDERS_TEST_REDIS_URL", "")
-        if not redis_url and listening(6379):
-            redis_url = "redis://127.0.0.1:6379/9"
-        elif not redis_url:
-            embedded_redis = EmbeddedRedis(work)
-            redis_url = embedded_redis.start()
-            stack.callback(embedded_redis.stop)
-        asyncio.run(create_db(admin_dsn, db_name))
-        stack.callback(lambda: asyncio.run(drop_db(admin_dsn, db_name)))
+        admin_dsn = stack.enter_context(server_dsn(work))
+        redis_url = stack.enter_context(server_url(work))
+        dsn = stack.enter_context(fresh_database(admin_dsn, "orders_e2e"))
         stack.callback(forget_keys, redis_url, prefix)
         sink = SmtpSink(work)
         smtp_host, smtp_port = sink.start()
         stack.callback(sink.stop)
 
-        dsn = admin_dsn.rsplit("/", 1)[0] + "/" + db_name
         env = {
             **os.environ,
             "ORDERS_DATABASE_URL": dsn,
