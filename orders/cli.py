@@ -19,6 +19,7 @@ from uuid import UUID
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from orders.domain.cursor import BIGINT_MAX
 from orders.settings import Settings
 
 
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "--limit", type=_bounded(1, 10_000), default=100, help="rows at most (1 to 10000, default 100)"
     )
     retry_parser = actions.add_parser("retry", help="re-queue failed rows: pending and due now")
-    retry_parser.add_argument("ids", nargs="*", type=_bounded(1, 2**63 - 1), metavar="ID")
+    retry_parser.add_argument("ids", nargs="*", type=_bounded(1, BIGINT_MAX), metavar="ID")
     retry_parser.add_argument("--all-failed", action="store_true", help="every failed row")
     args = parser.parse_args(argv)
     if args.command == "outbox" and args.action == "retry" and bool(args.ids) == args.all_failed:

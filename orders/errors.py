@@ -72,7 +72,7 @@ class UnknownSku(OrdersError):
 
 
 class InsufficientStock(OrdersError):
-    pass
+    default_detail = "not enough stock for some lines; nothing was reserved"
 
 
 class TooManyPendingOrders(OrdersError):

@@ -14,15 +14,13 @@ from fastapi.responses import Response
 from orders.api.openapi import problems
 from orders.auth import Principal
 from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor
-from orders.domain.cursor import decode_id_cursor
+from orders.domain.cursor import decode_id_cursor, parse_row_id
 from orders.errors import NotFound
 from orders.schemas import Notification, NotificationPage
 from orders.service import notifications as use_cases
 
 router = APIRouter(prefix="/v1/admin/notifications", tags=["operations"])
 log = structlog.get_logger("orders.admin")
-
-BIGINT_MAX = 2**63 - 1
 
 
 async def staff(caller: CurrentCustomer) -> Principal:
@@ -36,9 +34,10 @@ Staff = Annotated[Principal, Depends(staff)]
 
 def _row_id(notification_id: str) -> int:
     """A path id that is not a positive bigint names no row: 404, like an unknown one."""
-    if not (notification_id.isascii() and notification_id.isdigit()) or not 0 < int(notification_id) <= BIGINT_MAX:
+    row_id = parse_row_id(notification_id)
+    if row_id is None:
         raise NotFound("no such notification")
-    return int(notification_id)
+    return row_id
 
 
 @router.get(

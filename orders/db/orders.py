@@ -144,6 +144,7 @@ async def place(
     """`terms`: (sku, quantity, name, unit_price) of each line, sorted by SKU, as the
     order was priced; `max_pending`: the customer's cap of pending orders (0: none)."""
     items = order["items"]
+    outbox_columns, term_columns = _columns(outbox, 3), _columns(terms, 4)
     params = PlaceParams(
         order_id=order["id"],
         customer_id=order["customer_id"],
@@ -161,16 +162,16 @@ async def place(
         item_line_totals=[i["line_total"] for i in items],
         event_data=event_data,
         outbox_delay_s=FAST_PATH_HEAD_START_S,
-        outbox_kinds=[o[0] for o in outbox],
-        outbox_topics=[o[1] for o in outbox],
-        outbox_payloads=[o[2] for o in outbox],
+        outbox_kinds=outbox_columns[0],
+        outbox_topics=outbox_columns[1],
+        outbox_payloads=outbox_columns[2],
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         response_body=response_body,
-        term_skus=[t[0] for t in terms],
-        term_quantities=[t[1] for t in terms],
-        term_names=[t[2] for t in terms],
-        term_unit_prices=[t[3] for t in terms],
+        term_skus=term_columns[0],
+        term_quantities=term_columns[1],
+        term_names=term_columns[2],
+        term_unit_prices=term_columns[3],
         max_pending=max_pending,
         trace_context=tracing.carrier(),
     )

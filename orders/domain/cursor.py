@@ -68,11 +68,19 @@ def encode_id_cursor(row_id: int) -> str:
     return _encode([str(row_id)])
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+def parse_row_id(text: str) -> int | None:
+    """A row id (a positive bigint) written in ASCII digits, else None."""
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= BIGINT_MAX:
+        return None
+    return int(text)
+
+
 def decode_id_cursor(cursor: str) -> int:
     value = _decode(cursor)
-    if len(value) != 1 or not str(value[0]).isascii() or not str(value[0]).isdigit():
-        raise BadCursor("malformed cursor")
-    row_id = int(str(value[0]))
-    if row_id > 2**63 - 1:  # a bigint
-        raise BadCursor("cursor out of range")
+    row_id = parse_row_id(str(value[0])) if len(value) == 1 else None
+    if row_id is None:
+        raise BadCursor("malformed or out-of-range cursor")
     return row_id

@@ -42,7 +42,7 @@ def price_order(catalog: Mapping[str, CatalogEntry], currency: str, lines: Seque
     yes), then UnknownSku; the reservation re-checks stock and terms on the locked rows."""
     short = sorted(line.sku for line in lines if line.sku in catalog and catalog[line.sku].stock < line.quantity)
     if short:
-        raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=short)
+        raise InsufficientStock(skus=short)
     unknown = sorted(line.sku for line in lines if line.sku not in catalog)
     if unknown:
         raise UnknownSku("some SKUs are not in the catalog", skus=unknown)

@@ -207,7 +207,7 @@ async def _place(
             raise _too_many_pending(max_pending)
         if not row["same_terms"]:
             raise CatalogChanged()
-        raise InsufficientStock("not enough stock for some lines; nothing was reserved", skus=list(row["short"] or []))
+        raise InsufficientStock(skus=list(row["short"] or []))
     structlog.contextvars.bind_contextvars(order_id=order["id"])
     uow.cache_write(order_key(uow.cache.prefix, order["id"]), 1, order)
     for sku, version in zip(row["reserved_skus"], row["reserved_versions"], strict=True):
