@@ -181,7 +181,7 @@ def outbox(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_outbox(settings, args))
 
 
-def dev(port: int) -> int:
+def dev(port: int | None) -> int:
     """`orders dev`: in a checkout with the dev extra installed (orders.dev is not in the wheel)."""
     try:
         from orders.dev.runner import run
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the HTTP server (uvicorn) with the ORDERS_* settings")
     sub.add_parser("migrate", help="apply pending SQL migrations and exit")
     dev_parser = sub.add_parser("dev", help="embedded PostgreSQL, Redis and SMTP sink, demo data, port 8000")
-    dev_parser.add_argument("--port", type=int, default=8000)
+    dev_parser.add_argument("--port", type=int, help="the HTTP port (default: ORDERS_PORT, else 8000)")
     outbox_parser = sub.add_parser("outbox", help="list the notification outbox, re-queue failed rows")
     actions = outbox_parser.add_subparsers(dest="action", required=True)
     list_parser = actions.add_parser("list", help="outbox rows, newest first: a line per row")

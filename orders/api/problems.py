@@ -87,8 +87,6 @@ _GENERIC = {
     400: ("bad-request", "Bad request"),
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
-    406: ("not-acceptable", "Not acceptable"),
-    415: ("unsupported-media-type", "Unsupported media type"),
 }
 
 

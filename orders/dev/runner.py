@@ -50,7 +50,7 @@ async def seed(dsn: str) -> None:
         await conn.close()
 
 
-def run(port: int) -> int:
+def run(port: int | None) -> int:
     root = Path(os.environ.get("ORDERS_DEV_DIR", ".dev")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     stack: list[Startable] = []
@@ -74,7 +74,8 @@ def run(port: int) -> int:
             secret_file.chmod(0o600)
         os.environ.setdefault("ORDERS_JWT_SECRET", secret_file.read_text().strip())
         os.environ.setdefault("ORDERS_LOG_FORMAT", "console")
-        os.environ.setdefault("ORDERS_PORT", str(port))
+        if port is not None:  # --port wins over ORDERS_PORT (environment or .env; default 8000)
+            os.environ["ORDERS_PORT"] = str(port)
         settings = Settings(dev=True)  # type: ignore[call-arg]
         if "host" not in settings.model_fields_set:  # neither the environment nor .env names one
             settings.host = DEV_HOST
