@@ -288,8 +288,10 @@ async def stop_under_load(url: str, sku: str, dsn: str, stop_command: list[str],
     held_task = asyncio.create_task(held_post())
     await held.wait()
     t_stop = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(*stop_command, stdout=asyncio.subprocess.DEVNULL)
+    # Set before the stop starts: the listener can close before this task runs again, and a
+    # refusal seen then must count (else the held POST waits for one that never comes).
     stop_sent.set()
+    proc = await asyncio.create_subprocess_exec(*stop_command, stdout=asyncio.subprocess.DEVNULL)
     stop_rc = await proc.wait()
     stop_s = time.monotonic() - t_stop
     done.set()
