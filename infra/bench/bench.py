@@ -206,9 +206,17 @@ def thread_cpu(tid: int) -> float:
     return 0.0 if f is None else (int(f[11]) + int(f[12])) / CLK_TCK
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def postgres_server_pid(dsn: str) -> int | None:
     """The postmaster of the server behind `dsn` (the parent of a backend of ours), when it
-    runs on this machine: its tree is every process of that server."""
+    runs on this machine: its tree is every process of that server. The names are checked
+    because a server in a container reports pids of another namespace."""
 
     async def backend() -> int:
         conn = await asyncpg.connect(dsn, timeout=10)
@@ -217,8 +225,11 @@ def postgres_server_pid(dsn: str) -> int | None:
         finally:
             await conn.close()
 
-    f = _stat_fields(f"/proc/{asyncio.run(backend())}/stat")
-    return int(f[1]) if f is not None else None
+    pid = asyncio.run(backend())
+    f = _stat_fields(f"/proc/{pid}/stat")
+    if f is None or not _comm(pid).startswith("postgres") or not _comm(int(f[1])).startswith("postgres"):
+        return None
+    return int(f[1])
 
 
 def redis_server_pid(url: str) -> int | None:
@@ -229,7 +240,7 @@ def redis_server_pid(url: str) -> int | None:
         pid = int(client.info("server")["process_id"])
     finally:
         client.close()
-    return pid if Path(f"/proc/{pid}").exists() else None
+    return pid if _comm(pid).startswith(("redis", "valkey")) else None
 
 
 CPU_PARTS = ("service", "postgres", "redis", "smtp sink", "load generator")
