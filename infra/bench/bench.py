@@ -218,18 +218,18 @@ def postgres_server_pid(dsn: str) -> int | None:
     runs on this machine: its tree is every process of that server. The names are checked
     because a server in a container reports pids of another namespace."""
 
-    async def backend() -> int:
+    async def postmaster() -> int | None:
         conn = await asyncpg.connect(dsn, timeout=10)
-        try:
-            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+        try:  # read while the backend lives: it exits when the connection closes
+            pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            f = _stat_fields(f"/proc/{pid}/stat")
+            if f is None or not _comm(pid).startswith("postgres") or not _comm(int(f[1])).startswith("postgres"):
+                return None
+            return int(f[1])
         finally:
             await conn.close()
 
-    pid = asyncio.run(backend())
-    f = _stat_fields(f"/proc/{pid}/stat")
-    if f is None or not _comm(pid).startswith("postgres") or not _comm(int(f[1])).startswith("postgres"):
-        return None
-    return int(f[1])
+    return asyncio.run(postmaster())
 
 
 def redis_server_pid(url: str) -> int | None:
