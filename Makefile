@@ -36,7 +36,8 @@ load: install
 		--host $(LOAD_HOST) -u $(LOAD_USERS) -r $(LOAD_SPAWN) -t $(LOAD_DURATION) --stop-timeout 10 \
 		--csv infra/locust/results/load --only-summary
 
-## The service against its ceilings (pgbench, a bare endpoint) with wrk: ~4 minutes (infra/bench/bench.py).
+## The service against its three ceilings (pgbench, a bare endpoint, a bare one-row asyncpg read) with wrk and
+## Postfix's smtp-sink, CPU per request by process: ~5 minutes (infra/bench/bench.py, docs/PERFORMANCE.md).
 bench: install
 	$(BIN)/python infra/bench/bench.py
 
