@@ -22,7 +22,9 @@ class StreamReadTimeout(Exception):
     pass
 
 
-async def read_events(url: str, stream: str, subject: str, since: datetime, timeout: float) -> list[dict[str, Any]] | None:
+async def read_events(
+    url: str, stream: str, subject: str, since: datetime, timeout: float
+) -> list[dict[str, Any]] | None:
     """The messages on `subject` stored in `stream` at or after `since`, oldest first, as
     {"msg_id": <Nats-Msg-Id header>, "event": <the parsed envelope, or None>}; None when
     the stream does not exist. Raises StreamReadTimeout when not done within `timeout` s."""

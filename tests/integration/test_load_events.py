@@ -5,47 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import nats
 import pytest
 
 from infra.locust.order_events import paid_event_violations, read_events, wait_for_paid_events
-from orders.dev.process import free_port, listening
+from tests.private_nats import HAVE_NATS_SERVER, private_nats
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-pytestmark = pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="no nats-server binary")
+pytestmark = pytest.mark.skipif(not HAVE_NATS_SERVER, reason="no nats-server binary")
 
 
 @pytest.fixture(scope="module")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    store = tmp_path_factory.mktemp("jetstream")
-    proc = subprocess.Popen(
-        [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while not listening(port):
-            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with private_nats(tmp_path_factory.mktemp("jetstream")) as url:
+        yield url
 
 
 def envelope(order_id: str, *, event_type: str = "order.paid", status: str = "paid") -> dict:
     return {
-        "specversion": "1.0", "id": uuid.uuid4().hex, "source": "/orders", "type": event_type,
-        "subject": order_id, "time": datetime.now(UTC).isoformat(), "datacontenttype": "application/json",
+        "specversion": "1.0",
+        "id": uuid.uuid4().hex,
+        "source": "/orders",
+        "type": event_type,
+        "subject": order_id,
+        "time": datetime.now(UTC).isoformat(),
+        "datacontenttype": "application/json",
         "data": {"id": order_id, "status": status},
     }
 
@@ -70,7 +57,15 @@ async def test_each_paid_order_counted_once_from_the_start_time(nats_url):
     since = datetime.now(UTC)
     a, b, unpaid, other_run = (str(uuid.uuid4()) for _ in range(4))
     ev_a = envelope(a)
-    events = [ev_a, ev_a, envelope(b), envelope(b), envelope(unpaid), envelope(other_run), envelope(a, event_type="order.created", status="pending")]
+    events = [
+        ev_a,
+        ev_a,
+        envelope(b),
+        envelope(b),
+        envelope(unpaid),
+        envelope(other_run),
+        envelope(a, event_type="order.created", status="pending"),
+    ]
     await publish(nats_url, stream, events)  # ev_a twice: one Nats-Msg-Id, JetStream keeps one
 
     messages = await read_events(nats_url, stream, f"{stream.lower()}.order.paid", since, timeout=20)
