@@ -153,6 +153,11 @@ def _problem_type(resp: Any) -> str:
         return ""
 
 
+def _text(resp: Any) -> str:
+    """The start of a body, for a failure message (none when the request got no answer)."""
+    return (resp.text or "")[:200]
+
+
 def _check_failed(name: str, detail: str) -> None:
     """A broken expectation that is not one request's answer, counted as a failure."""
     LEDGER.outcomes[f"check failed: {name}"] += 1
@@ -187,7 +192,7 @@ class Shopper(FastHttpUser):
         sku = random.choice(SKU_LIST)
         with self.client.get(f"/v1/products/{sku}", name="/v1/products/[sku]", catch_response=True) as r:
             if r.status_code != 200 or r.json().get("stock", -1) < 0:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
 
     # -- placing orders -------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class Shopper(FastHttpUser):
             elif status == 409 and slug == "idempotency-in-progress" and concurrent:
                 r.success()
             else:
-                r.failure(f"{status} {slug} {r.text[:200]}")
+                r.failure(f"{status} {slug} {_text(r)}")
         return None
 
     @task(4)
@@ -274,7 +279,7 @@ class Shopper(FastHttpUser):
                 LEDGER.outcomes[f"payment {outcome or r.status_code}"] += 1
                 if outcome in expected:
                     return str(outcome)
-                r.failure(f"{r.status_code} {outcome or r.text[:200]}, expected one of {sorted(expected)}")
+                r.failure(f"{r.status_code} {outcome or _text(r)}, expected one of {sorted(expected)}")
                 return None
         return None
 
@@ -325,7 +330,7 @@ class Shopper(FastHttpUser):
         oid = random.choice(list(self.orders))
         with self.client.get(f"/v1/orders/{oid}", headers=self.auth, name="/v1/orders/[id]", catch_response=True) as r:
             if r.status_code != 200:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
                 return
             doc = r.json()
             if doc["id"] != oid or doc["customer_id"] != self.customer:
@@ -338,7 +343,7 @@ class Shopper(FastHttpUser):
     def list_orders(self) -> None:
         with self.client.get("/v1/orders?limit=10", headers=self.auth, name="/v1/orders", catch_response=True) as r:
             if r.status_code != 200:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
             elif any(o["customer_id"] != self.customer for o in r.json()["items"]):
                 r.failure("another customer's order in my list")
 
@@ -373,7 +378,7 @@ class Shopper(FastHttpUser):
                 LEDGER.outcomes["409 invalid-transition"] += 1
                 r.success()
             else:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
 
 
 # -- set-up and the checks at the end ------------------------------------------------------
