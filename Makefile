@@ -25,6 +25,9 @@ test: install
 
 ## Locust checkout load against a running service (LOAD_HOST, or $ORDERS_URL), then its
 ## invariants checked in PostgreSQL ($ORDERS_DATABASE_URL; tokens from $ORDERS_JWT_SECRET).
+## Orders are paid through webhooks signed with $ORDERS_PAYMENT_WEBHOOK_SECRET where the
+## service has them (LOAD_PAYMENTS=auto|on|off); give the service's ORDERS_PAYMENT_TIMEOUT_S
+## to check expiry, ORDERS_NATS_URL to check the order.paid events (docs/PERFORMANCE.md).
 ## CSV stats and a summary in infra/locust/results/. LOAD_SERVER_PID=<pid> adds worker RSS.
 LOAD_HOST     ?= $(or $(ORDERS_URL),http://127.0.0.1:8000)
 LOAD_USERS    ?= 20

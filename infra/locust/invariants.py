@@ -7,10 +7,17 @@ plain asyncio, away from locust's gevent), with the run's ledger as JSON on stdi
      "created": {"<order id>": "<customer>", ...},          every order answered 201
      "keys_sent": [["<customer>", "<key>"], ...],            every key sent (any outcome)
      "key_orders": [["<customer>", "<key>", ["<id>", ...]], ...],  ids answered per key
-     "cancelled": ["<order id>", ...]}                        cancels answered 200
+     "cancelled": ["<order id>", ...],                       cancels answered 200
+     "payments": true, "started_at": <unix time of the start>,
+     "paid": {"<order id>": <number of `paid` answers>, ...},
+     "refund_required": ["<order id>", ...], "abandoned": ["<order id>", ...]}
 
 Prints {"violations": [...], "checked": {...}} as JSON; exits 1 when a violation was found.
-Needs ORDERS_DATABASE_URL.
+Needs ORDERS_DATABASE_URL. Before the checks, in a run with payments (a service with the
+payment webhook also expires unpaid orders), when the service's ORDERS_PAYMENT_TIMEOUT_S
+(default 900) plus a grace of a few seconds fits in LOAD_EXPIRY_WAIT_S (default 120), it
+waits until no order of the run is pending any more (bounded by that timeout and grace:
+every order was placed before the wait began), so that the checks see the expiry done.
 
 1. No order was created twice for one key: every order of the run's customers has its
    idempotency record, no (customer, key) maps to more than one order (in the database
@@ -21,6 +28,19 @@ Needs ORDERS_DATABASE_URL.
    200 is cancelled.
 4. Each customer's count of pending orders (customer_pending, for the pending cap) is the
    number of their orders that are pending.
+5. With payments: unpaid orders expire: no order is pending longer than ORDERS_PAYMENT_TIMEOUT_S plus the
+   grace; every abandoned order (never paid nor cancelled by a client) is cancelled, once
+   the wait above ran; with 2., the stock of expired orders came back exactly once.
+6. No order is both paid and cancelled: the run never cancels an order it paid, so a
+   timeline with a change to paid (an event whose data has "to": "paid") and an
+   order.cancelled, or a status paid with an order.cancelled, or cancelled with a change
+   to paid, is a payment and a cancellation (expiry) that both won. Every order answered
+   `paid` is paid and was answered `paid` once (each event takes effect once: redeliveries
+   answer `duplicate`); every order answered `refund_required` is cancelled.
+7. With ORDERS_NATS_URL set: each paid order of the run has exactly one `order.paid` event
+   in the stream (ORDERS_NATS_STREAM, default ORDERS; subject orders.order.paid, counted by
+   the envelope's `subject`, since the run's start), and no unpaid order has one. The relay
+   publishes after the commit: up to LOAD_EVENTS_WAIT_S (default 30) for the last ones.
 """
 
 from __future__ import annotations
@@ -29,16 +49,49 @@ import asyncio
 import json
 import os
 import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from infra.locust.order_events import wait_for_paid_events
+
+# An order expires "at most a few seconds after its deadline" (docs/API.md).
+EXPIRY_GRACE_S = 5.0
+
+
+async def wait_for_expiry(conn: asyncpg.Connection, prefix: str, timeout_s: float, bound_s: float) -> str:
+    """Waits until no order of the run is pending, at most timeout + grace (all of them were
+    placed before this began). Returns what was done, for the summary."""
+    if timeout_s + EXPIRY_GRACE_S > bound_s:
+        return f"not waited for: ORDERS_PAYMENT_TIMEOUT_S={timeout_s:g} is longer than LOAD_EXPIRY_WAIT_S={bound_s:g}"
+    started = time.monotonic()
+    deadline = started + timeout_s + EXPIRY_GRACE_S + 1
+    while True:
+        pending = await conn.fetchval(
+            "SELECT count(*) FROM orders WHERE customer_id LIKE $1 AND status = 'pending'", prefix
+        )
+        if pending == 0 or time.monotonic() >= deadline:
+            return f"waited {time.monotonic() - started:.1f} s, {pending} order(s) still pending"
+        await asyncio.sleep(0.5)
 
 
 async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
     violations: list[str] = []
     prefix = ledger["customer_prefix"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    timeout_s = float(os.environ.get("ORDERS_PAYMENT_TIMEOUT_S", "900"))
+    bound_s = float(os.environ.get("LOAD_EXPIRY_WAIT_S", "120"))
+    payments = bool(ledger.get("payments"))
+    expiry_waited = payments and timeout_s + EXPIRY_GRACE_S <= bound_s
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
+        expiry = "not checked: no payments in this run"
+        if payments:
+            expiry = await wait_for_expiry(conn, prefix, timeout_s, bound_s)
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot for all checks
             orders = {
                 str(r["id"]): (r["customer_id"], r["status"])
@@ -62,6 +115,31 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
                 r["customer_id"]: r["pending"]
                 for r in await conn.fetch(
                     "SELECT customer_id, pending FROM customer_pending WHERE customer_id LIKE $1 AND pending > 0",
+                    prefix,
+                )
+            }
+            overdue = await conn.fetch(
+                """
+                SELECT id, extract(epoch FROM now() - created_at)::float8 AS age FROM orders
+                 WHERE $3 AND customer_id LIKE $1 AND status = 'pending'
+                   AND created_at < now() - make_interval(secs => $2)
+                """,
+                prefix,
+                timeout_s + EXPIRY_GRACE_S,
+                payments,
+            )
+            timelines = {
+                str(r["order_id"]): r
+                for r in await conn.fetch(
+                    """
+                    SELECT e.order_id,
+                           bool_or(e.data->>'to' = 'paid') AS to_paid,
+                           bool_or(e.type = 'order.cancelled') AS cancelled,
+                           bool_or(e.type = 'order.cancelled' AND e.data->>'reason' = 'payment_timeout') AS expired
+                      FROM order_events e JOIN orders o ON o.id = e.order_id
+                     WHERE o.customer_id LIKE $1
+                     GROUP BY e.order_id
+                    """,
                     prefix,
                 )
             }
@@ -127,6 +205,57 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
             + ", ".join(f"{c}: {counted.get(c, 0)} counted, {pending.get(c, 0)} orders" for c in wrong[:3])
         )
 
+    # 5. unpaid orders expire
+    for r in overdue[:20]:
+        violations.append(
+            f"order {r['id']} is still pending {r['age']:.0f} s after it was placed "
+            f"(ORDERS_PAYMENT_TIMEOUT_S={timeout_s:g})"
+        )
+    abandoned = ledger.get("abandoned", [])
+    for oid in abandoned:
+        got = orders.get(oid)
+        if got is None:
+            continue  # reported by 3.
+        if got[1] not in ("pending", "cancelled"):
+            violations.append(f"abandoned order {oid} is {got[1]}: no payment was sent for it")
+        elif expiry_waited and got[1] != "cancelled":
+            violations.append(f"abandoned order {oid} did not expire (ORDERS_PAYMENT_TIMEOUT_S={timeout_s:g})")
+
+    # 6. never both paid and cancelled; each payment took effect once
+    for oid, (_, status) in orders.items():
+        t = timelines.get(oid)
+        was_paid = status in ("paid", "shipped", "delivered") or bool(t and t["to_paid"])
+        was_cancelled = status == "cancelled" or bool(t and t["cancelled"])
+        if was_paid and was_cancelled:
+            violations.append(f"order {oid} is both paid and cancelled (status {status})")
+    for oid, answers in ledger.get("paid", {}).items():
+        got = orders.get(oid)
+        if answers > 1:
+            violations.append(f"order {oid} was answered `paid` {answers} times")
+        if got is not None and got[1] != "paid":
+            violations.append(f"order {oid} was answered `paid` but is {got[1]}")
+    for oid in ledger.get("refund_required", []):
+        got = orders.get(oid)
+        if got is not None and got[1] != "cancelled":
+            violations.append(f"order {oid} was answered `refund_required` but is {got[1]}")
+
+    # 7. one order.paid event per paid order
+    paid_in_db = {oid for oid, (_, status) in orders.items() if status == "paid"}
+    events_checked: dict[str, Any] = {"checked": False}
+    if os.environ.get("ORDERS_NATS_URL"):
+        since = datetime.fromtimestamp(ledger.get("started_at", time.time() - 3600) - 5, UTC)
+        stream = os.environ.get("ORDERS_NATS_STREAM") or "ORDERS"
+        event_violations, counts = await wait_for_paid_events(
+            os.environ["ORDERS_NATS_URL"],
+            stream,
+            since,
+            paid_in_db,
+            set(orders),
+            float(os.environ.get("LOAD_EVENTS_WAIT_S", "30")),
+        )
+        violations.extend(event_violations[:50])
+        events_checked = {"checked": True, "stream": stream, "order_paid_events": sum(counts.values())}
+
     return {
         "violations": violations,
         "checked": {
@@ -137,6 +266,15 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
             "skus": len(ledger["skus"]),
             "cancels_acknowledged": len(ledger["cancelled"]),
             "pending_orders": sum(pending.values()),
+            "payments": payments,
+            "paid_orders": len(paid_in_db),
+            "paid_answers": sum(ledger.get("paid", {}).values()),
+            "refund_required": len(ledger.get("refund_required", [])),
+            "abandoned": len(abandoned),
+            "abandoned_cancelled": sum(1 for oid in abandoned if orders.get(oid, ("", ""))[1] == "cancelled"),
+            "expired_events": sum(1 for t in timelines.values() if t["expired"]),
+            "expiry": expiry,
+            "events": events_checked,
             "stock": {r["sku"]: {"stock": r["stock"], "reserved": r["reserved"]} for r in stock},
         },
     }

@@ -1,7 +1,10 @@
 """Checkout load: shoppers browse the catalog, place orders (a unique Idempotency-Key each),
-retry some with the same key (one after the other, and some concurrently), read and list
-their own orders and cancel some. At the end the run's invariants are checked in
-PostgreSQL (infra/locust/invariants.py) and the process exits non-zero when one is broken.
+retry some with the same key (one after the other, and some concurrently), pay most of
+them through signed payment webhooks (the payment provider's part: some deliveries twice,
+one after the other or at once, some after a payment.failed), abandon some (never paid
+nor cancelled: the service must expire them), read and list their own orders and cancel
+some pending ones. At the end the run's invariants are checked in PostgreSQL (and NATS
+JetStream) by infra/locust/invariants.py; the process exits non-zero when one is broken.
 
     make load                                   # against http://127.0.0.1:8000 (LOAD_HOST)
     locust -f infra/locust/locustfile.py --headless -u 20 -r 5 -t 60s --host URL --csv PREFIX
@@ -16,11 +19,26 @@ LOAD_WAIT_MIN / LOAD_WAIT_MAX (seconds between a shopper's tasks, default 0.5 / 
 20 order creations a minute per shopper, under the default rate limit of 60),
 LOAD_SCARCE_STOCK (stock of the run's scarce SKUs, default 40).
 
+Payments: LOAD_PAYMENTS = auto (default: on when the service answers POST
+/v1/payments/events, off on a 404, e.g. a service without payments) | on | off.
+ORDERS_PAYMENT_WEBHOOK_SECRET signs the events (the first of its comma-separated list, as
+the service is configured); required when payments are on. LOAD_ABANDON_RATE (share of
+new orders never paid, default 0.15), LOAD_PAY_FAILED_RATE (share of payments preceded by
+a payment.failed, default 0.2), LOAD_DUPLICATE_RATE (share of payment.succeeded events
+delivered twice, a third of them at once, default 0.15). After the run, the invariants
+wait for the expiry of unpaid orders when ORDERS_PAYMENT_TIMEOUT_S (the service's) fits in
+LOAD_EXPIRY_WAIT_S (default 120), and read order.paid from JetStream when ORDERS_NATS_URL
+is set (stream ORDERS_NATS_STREAM, default ORDERS; LOAD_EVENTS_WAIT_S, default 30): see
+infra/locust/invariants.py.
+
 Outcomes that the contract expects under load count as successes: 409 insufficient-stock
 (scarce SKUs run out; cancels give stock back), 409 too-many-pending-orders (shoppers
 never pay, so one who cancels little reaches ORDERS_MAX_PENDING_ORDERS_PER_CUSTOMER), 409
-invalid-transition (a cancel of an order already cancelled), 409 idempotency-in-progress
-(for concurrent requests with one key). Anything else unexpected is a failure.
+invalid-transition (a cancel of an order already cancelled, or expired), 409
+idempotency-in-progress (for concurrent requests with one key), a payment answered
+refund_required (the order expired before it) and a 503 to a payment event (retried, as a
+provider does). Anything else unexpected is a failure, and so is any payment event that
+takes effect twice (a second `paid` for one event id or one order).
 """
 
 from __future__ import annotations
@@ -46,6 +64,7 @@ from locust.runners import WorkerRunner
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from infra.locust.webhook import event_body, signature, signing_secret  # noqa: E402
 from orders.auth import mint  # noqa: E402
 from orders.settings import Settings  # noqa: E402
 
@@ -81,6 +100,15 @@ SKUS: dict[str, int] = {f"LOAD-{RUN}-P{i}": 1_000_000 for i in range(6)}
 SKUS.update({f"LOAD-{RUN}-S{i}": SCARCE_STOCK for i in range(3)})
 SKU_LIST = sorted(SKUS)
 
+WEBHOOK_SECRET = signing_secret(os.environ.get("ORDERS_PAYMENT_WEBHOOK_SECRET"))
+PAYMENTS_MODE = os.environ.get("LOAD_PAYMENTS", "auto")
+if PAYMENTS_MODE not in ("auto", "on", "off"):
+    raise SystemExit(f"load: LOAD_PAYMENTS is auto, on or off, not {PAYMENTS_MODE!r}")
+ABANDON_RATE = float(os.environ.get("LOAD_ABANDON_RATE", "0.15"))
+PAY_FAILED_RATE = float(os.environ.get("LOAD_PAY_FAILED_RATE", "0.2"))
+DUPLICATE_RATE = float(os.environ.get("LOAD_DUPLICATE_RATE", "0.15"))
+WEBHOOK_PATH = "/v1/payments/events"
+
 
 class Ledger:
     """What the clients were told, for the invariants at the end."""
@@ -90,6 +118,11 @@ class Ledger:
         self.keys_sent: set[tuple[str, str]] = set()
         self.key_orders: dict[tuple[str, str], set[str]] = {}
         self.cancelled: set[str] = set()
+        self.payments = False  # decided at the start (LOAD_PAYMENTS)
+        self.started_at = time.time()
+        self.paid: Counter[str] = Counter()  # order id -> `paid` answers (more than one is a bug)
+        self.refund_required: set[str] = set()
+        self.abandoned: set[str] = set()  # never paid nor cancelled by a client: must expire
         self.outcomes: Counter[str] = Counter()
         self.rss_start: dict[int, float] = {}
 
@@ -101,6 +134,11 @@ class Ledger:
             "keys_sent": sorted(self.keys_sent),
             "key_orders": [[c, k, sorted(ids)] for (c, k), ids in self.key_orders.items()],
             "cancelled": sorted(self.cancelled),
+            "payments": self.payments,
+            "started_at": self.started_at,
+            "paid": dict(self.paid),
+            "refund_required": sorted(self.refund_required),
+            "abandoned": sorted(self.abandoned),
         }
 
 
@@ -115,6 +153,19 @@ def _problem_type(resp: Any) -> str:
         return ""
 
 
+def _text(resp: Any) -> str:
+    """The start of a body, for a failure message (none when the request got no answer)."""
+    return (resp.text or "")[:200]
+
+
+def _check_failed(name: str, detail: str) -> None:
+    """A broken expectation that is not one request's answer, counted as a failure."""
+    LEDGER.outcomes[f"check failed: {name}"] += 1
+    events.request.fire(
+        request_type="CHECK", name=name, response_time=0, response_length=0, exception=AssertionError(detail)
+    )
+
+
 class Shopper(FastHttpUser):
     wait_time = between(float(os.environ.get("LOAD_WAIT_MIN", "0.5")), float(os.environ.get("LOAD_WAIT_MAX", "2")))
 
@@ -122,6 +173,7 @@ class Shopper(FastHttpUser):
         self.customer = f"{CUSTOMER_PREFIX}{next(_customers)}"
         self.auth = {"Authorization": f"Bearer {mint(SETTINGS, self.customer, ttl_s=86400)}"}
         self.orders: dict[str, str] = {}  # my order id -> the status I last saw
+        self.totals: dict[str, tuple[int, str]] = {}  # my order id -> (total, currency), what a payment carries
 
     # -- catalog -----------------------------------------------------------------
 
@@ -140,7 +192,7 @@ class Shopper(FastHttpUser):
         sku = random.choice(SKU_LIST)
         with self.client.get(f"/v1/products/{sku}", name="/v1/products/[sku]", catch_response=True) as r:
             if r.status_code != 200 or r.json().get("stock", -1) < 0:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
 
     # -- placing orders -------------------------------------------------------------
 
@@ -170,7 +222,11 @@ class Shopper(FastHttpUser):
                 oid = doc["id"]
                 LEDGER.created[oid] = self.customer
                 LEDGER.key_orders.setdefault((self.customer, key), set()).add(oid)
-                self.orders.setdefault(oid, doc["status"])
+                if oid not in self.orders:
+                    self.orders[oid] = doc["status"]
+                    self.totals[oid] = (doc["total"], doc["currency"])
+                    if LEDGER.payments and random.random() < ABANDON_RATE:
+                        LEDGER.abandoned.add(oid)
                 replayed = r.headers.get("Idempotent-Replayed") == "true"
                 LEDGER.outcomes["201 replay" if replayed else "201 created"] += 1
                 if doc["customer_id"] != self.customer:
@@ -183,7 +239,7 @@ class Shopper(FastHttpUser):
             elif status == 409 and slug == "idempotency-in-progress" and concurrent:
                 r.success()
             else:
-                r.failure(f"{status} {slug} {r.text[:200]}")
+                r.failure(f"{status} {slug} {_text(r)}")
         return None
 
     @task(4)
@@ -202,14 +258,68 @@ class Shopper(FastHttpUser):
             # A retry with the same key and body (a lost response): the same answer again.
             again = self._post(key, body, "/v1/orders (retry same key)")
             if first is not None and again != first:
-                LEDGER.outcomes["retry answered another order"] += 1
-                events.request.fire(
-                    request_type="CHECK",
-                    name="retry answers the same order",
-                    response_time=0,
-                    response_length=0,
-                    exception=AssertionError(f"{first} != {again}"),
-                )
+                _check_failed("retry answers the same order", f"{first} != {again}")
+
+    # -- paying (the payment provider's webhook) ------------------------------------------
+
+    def _deliver(self, body: bytes, name: str, expected: frozenset[str]) -> str | None:
+        """One signed delivery of a payment event: its outcome, or None when it failed. A
+        503 is retried a few times, as the provider does (its retries are what make a
+        duplicate delivery harmless)."""
+        for attempt in range(3):
+            headers = {"Payment-Signature": signature(WEBHOOK_SECRET or "", body, int(time.time()))}
+            headers["Content-Type"] = "application/json"
+            with self.client.post(WEBHOOK_PATH, data=body, headers=headers, name=name, catch_response=True) as r:
+                if r.status_code == 503 and attempt < 2:
+                    LEDGER.outcomes["payment 503 retried"] += 1
+                    r.success()
+                    gevent.sleep(0.2)
+                    continue
+                outcome = r.json().get("outcome") if r.status_code == 200 else None
+                LEDGER.outcomes[f"payment {outcome or r.status_code}"] += 1
+                if outcome in expected:
+                    return str(outcome)
+                r.failure(f"{r.status_code} {outcome or _text(r)}, expected one of {sorted(expected)}")
+                return None
+        return None
+
+    @task(4)
+    def pay_order(self) -> None:
+        if not LEDGER.payments:
+            return
+        payable = [o for o, s in self.orders.items() if s == "pending" and o not in LEDGER.abandoned]
+        if not payable:
+            return
+        oid = random.choice(payable)
+        total, currency = self.totals[oid]
+        if random.random() < PAY_FAILED_RATE:
+            # A declined card first: the order stays pending and the customer pays again.
+            failed = event_body(f"evt-{RUN}-{uuid.uuid4().hex}", "payment.failed", oid, total, currency)
+            self._deliver(failed, f"{WEBHOOK_PATH} (failed)", frozenset({"recorded"}))
+        body = event_body(f"evt-{RUN}-{uuid.uuid4().hex}", "payment.succeeded", oid, total, currency)
+        # refund_required: the order expired before its payment came (ORDERS_PAYMENT_TIMEOUT_S).
+        effective = frozenset({"paid", "refund_required"})
+        roll = random.random()
+        if roll < DUPLICATE_RATE / 3:
+            # The provider delivers one event twice at once (two replicas may take them):
+            # one delivery takes effect, the other is a duplicate.
+            name = f"{WEBHOOK_PATH} (concurrent duplicate)"
+            jobs = [gevent.spawn(self._deliver, body, name, effective | {"duplicate"}) for _ in range(2)]
+            gevent.joinall(jobs)
+            outcomes = [j.value for j in jobs]
+            if None not in outcomes and sum(o in effective for o in outcomes) != 1:
+                _check_failed("one event takes effect once", f"order {oid}: {outcomes} for one event id")
+        else:
+            outcomes = [self._deliver(body, WEBHOOK_PATH, effective)]
+            if roll < DUPLICATE_RATE and outcomes[0] is not None:
+                # A redelivery (the provider did not see the first 200): nothing changes.
+                outcomes.append(self._deliver(body, f"{WEBHOOK_PATH} (redelivery)", frozenset({"duplicate"})))
+        if "paid" in outcomes:
+            self.orders[oid] = "paid"
+            LEDGER.paid[oid] += outcomes.count("paid")
+        elif "refund_required" in outcomes:
+            self.orders[oid] = "cancelled"
+            LEDGER.refund_required.add(oid)
 
     # -- my orders --------------------------------------------------------------------
 
@@ -220,19 +330,20 @@ class Shopper(FastHttpUser):
         oid = random.choice(list(self.orders))
         with self.client.get(f"/v1/orders/{oid}", headers=self.auth, name="/v1/orders/[id]", catch_response=True) as r:
             if r.status_code != 200:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
                 return
             doc = r.json()
             if doc["id"] != oid or doc["customer_id"] != self.customer:
                 r.failure("another order")
-            elif self.orders[oid] == "cancelled" and doc["status"] != "cancelled":
-                r.failure(f"a read after the cancel shows {doc['status']}")  # read-your-writes through the cache
+            elif self.orders[oid] in ("cancelled", "paid") and doc["status"] != self.orders[oid]:
+                # read-your-writes through the cache, after a cancel or a payment
+                r.failure(f"a read after the order was {self.orders[oid]} shows {doc['status']}")
 
     @task(1)
     def list_orders(self) -> None:
         with self.client.get("/v1/orders?limit=10", headers=self.auth, name="/v1/orders", catch_response=True) as r:
             if r.status_code != 200:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
             elif any(o["customer_id"] != self.customer for o in r.json()["items"]):
                 r.failure("another customer's order in my list")
 
@@ -240,9 +351,21 @@ class Shopper(FastHttpUser):
     def cancel_order(self) -> None:
         if not self.orders:
             return
-        live = [o for o, s in self.orders.items() if s != "cancelled"]
+        if LEDGER.payments:
+            # Only pending orders, never an abandoned one (it must expire) nor a paid one: the
+            # invariants take an order both paid and cancelled for a race the service lost.
+            live = [o for o, s in self.orders.items() if s == "pending" and o not in LEDGER.abandoned]
+            done = [o for o, s in self.orders.items() if s == "cancelled"]
+        else:
+            live = [o for o, s in self.orders.items() if s != "cancelled"]
+            done = list(self.orders)
         # Mostly a live order; now and then one already cancelled (409 invalid-transition).
-        oid = random.choice(live) if live and random.random() < 0.85 else random.choice(list(self.orders))
+        if live and (not done or random.random() < 0.85):
+            oid = random.choice(live)
+        elif done:
+            oid = random.choice(done)
+        else:
+            return
         with self.client.post(
             f"/v1/orders/{oid}/cancel", headers=self.auth, name="/v1/orders/[id]/cancel", catch_response=True
         ) as r:
@@ -251,10 +374,11 @@ class Shopper(FastHttpUser):
                 LEDGER.cancelled.add(oid)
                 LEDGER.outcomes["200 cancelled"] += 1
             elif r.status_code == 409 and _problem_type(r) == "invalid-transition":
+                # Cancelled before, or expired meanwhile (the service cancels unpaid orders).
                 LEDGER.outcomes["409 invalid-transition"] += 1
                 r.success()
             else:
-                r.failure(f"{r.status_code} {r.text[:200]}")
+                r.failure(f"{r.status_code} {_text(r)}")
 
 
 # -- set-up and the checks at the end ------------------------------------------------------
@@ -286,9 +410,26 @@ def create_catalog(environment: Any, **_: Any) -> None:
         r = requests.put(f"{host}/v1/products/{sku}", json=body, headers=headers, timeout=10)
         if r.status_code != 201:
             raise SystemExit(f"load: could not create SKU {sku}: {r.status_code} {r.text[:300]}")
+    LEDGER.payments = _payments_on(host)
+    LEDGER.started_at = time.time()
     if os.environ.get("LOAD_SERVER_PID"):
         LEDGER.rss_start = _rss_mib(int(os.environ["LOAD_SERVER_PID"]))
-    print(f"load: run {RUN}: {len(SKUS)} SKUs created on {host}; customers {CUSTOMER_PREFIX}N", flush=True)
+    payments = "payments through signed webhooks" if LEDGER.payments else "no payments"
+    print(f"load: run {RUN}: {len(SKUS)} SKUs created on {host}; customers {CUSTOMER_PREFIX}N; {payments}", flush=True)
+
+
+def _payments_on(host: str) -> bool:
+    """LOAD_PAYMENTS, with `auto` asking the service: an unsigned event answers 401 where the
+    webhook exists (and records nothing), 404 where it does not."""
+    if PAYMENTS_MODE == "off":
+        return False
+    if PAYMENTS_MODE == "auto":
+        r = requests.post(f"{host}{WEBHOOK_PATH}", data=b"{}", headers={"Content-Type": "application/json"}, timeout=10)
+        if r.status_code == 404:
+            return False
+    if not WEBHOOK_SECRET:
+        raise SystemExit("load: ORDERS_PAYMENT_WEBHOOK_SECRET (the service's) is required to sign payment events")
+    return True
 
 
 @events.quitting.add_listener
@@ -306,7 +447,10 @@ def check_invariants(environment: Any, **_: Any) -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        # The expiry and the events are waited for, each bounded (infra/locust/invariants.py).
+        timeout=120
+        + float(os.environ.get("LOAD_EXPIRY_WAIT_S", "120"))
+        + float(os.environ.get("LOAD_EVENTS_WAIT_S", "30")),
     )
     try:
         result = json.loads(proc.stdout)
@@ -317,6 +461,7 @@ def check_invariants(environment: Any, **_: Any) -> None:
         "run": RUN,
         "requests": stats.num_requests,
         "failures": stats.num_failures,
+        "payments": LEDGER.payments,
         "outcomes": dict(LEDGER.outcomes),
         "invariants": result,
     }
@@ -332,6 +477,17 @@ def check_invariants(environment: Any, **_: Any) -> None:
         f"load: invariants checked on {checked.get('orders_in_db')} orders, {checked.get('keys_sent')} keys, "
         f"{checked.get('skus')} SKUs"
     )
+    if LEDGER.payments:
+        events_seen = checked.get("events", {})
+        print(
+            f"load: {checked.get('paid_orders')} orders paid, {checked.get('abandoned_cancelled')} of "
+            f"{checked.get('abandoned')} abandoned ones cancelled; expiry {checked.get('expiry')}; order.paid events "
+            + (
+                f"{events_seen.get('order_paid_events')} in {events_seen.get('stream')}"
+                if events_seen.get("checked")
+                else "not read (no ORDERS_NATS_URL)"
+            )
+        )
     if result.get("violations"):
         print("load: INVARIANTS BROKEN:\n  " + "\n  ".join(result["violations"][:50]), flush=True)
         environment.process_exit_code = 1

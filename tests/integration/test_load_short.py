@@ -4,6 +4,12 @@ Asserts only what must hold under load: every request answered as the contract s
 (expected 409s are successes in the locustfile) and the invariants of the run (checked
 by the locustfile in PostgreSQL: one order per key, stock conserved, every 201 stored).
 Never timings.
+
+Payments, expiry and events switch themselves on with the service: the run pays through
+the webhook when the app has POST /v1/payments/events (docs/openapi.json, which a test
+keeps equal to the app's), and then the service (ORDERS_PAYMENT_TIMEOUT_S=2) must expire
+the abandoned orders; the order.paid events are read from a nats-server of the test's
+own (ORDERS_NATS_URL) and must be one per paid order once Settings has `nats_url`.
 """
 
 from __future__ import annotations
@@ -17,17 +23,36 @@ from pathlib import Path
 
 import pytest
 
+from orders.settings import Settings
+from tests.private_nats import HAVE_NATS_SERVER, private_nats
 from tests.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).with_name("locust")
+WEBHOOK_SECRET = "test-only-payment-webhook-secret-0123456789"
+HAS_PAYMENTS = "/v1/payments/events" in json.loads((ROOT / "docs/openapi.json").read_text())["paths"]
+HAS_EVENTS = "nats_url" in Settings.model_fields
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NATS_SERVER, reason="no nats-server binary")
 def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERS_", "LOAD_"))}
-    server = ServerProcess(base_env, tmp_path)
-    env = {**clean, **base_env}
+    (tmp_path / "jetstream").mkdir()
+    with private_nats(tmp_path / "jetstream") as nats_url:
+        run_load(clean, base_env, tmp_path, nats_url)
+
+
+def run_load(clean: dict[str, str], base_env: dict[str, str], tmp_path: Path, nats_url: str) -> None:
+    # The same payment and event settings for the service and the run (a service without
+    # payments or events ignores them).
+    shared = {
+        "ORDERS_PAYMENT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "ORDERS_PAYMENT_TIMEOUT_S": "2",
+        "ORDERS_NATS_URL": nats_url,
+    }
+    server = ServerProcess({**base_env, **shared}, tmp_path)
+    env = {**clean, **base_env, **shared}
     with server:
         assert server.proc is not None
         url = server.url
@@ -61,10 +86,12 @@ def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
                 "LOAD_WAIT_MAX": "0.2",
                 "LOAD_SCARCE_STOCK": "15",
                 "LOAD_SERVER_PID": str(server.proc.pid),
+                "LOAD_ABANDON_RATE": "0.3",
+                "LOAD_EVENTS_WAIT_S": "20",
             },
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=180,
             cwd=ROOT,
         )
         report = f"locust exit {run.returncode}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
@@ -76,6 +103,17 @@ def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
         assert int(total["Request Count"]) > 50, report
         assert int(total["Failure Count"]) == 0, report
         assert summary["outcomes"].get("201 created", 0) > 0, report
-        assert summary["invariants"]["checked"]["orders_acknowledged"] > 0, report
+        checked = summary["invariants"]["checked"]
+        assert checked["orders_acknowledged"] > 0, report
+        # Payments on exactly when the service has the webhook (LOAD_PAYMENTS=auto).
+        assert summary["payments"] is HAS_PAYMENTS, report
+        if HAS_PAYMENTS:
+            assert checked["paid_orders"] > 0 and checked["paid_answers"] > 0, report
+            assert summary["outcomes"].get("payment duplicate", 0) > 0, report
+            assert checked["expiry"].startswith("waited"), report
+            assert 0 < checked["abandoned_cancelled"] == checked["abandoned"], report
+        assert checked["events"]["checked"], report
+        if HAS_EVENTS and HAS_PAYMENTS:
+            assert checked["events"]["order_paid_events"] == checked["paid_orders"], report
         assert run.returncode == 0, report
     assert server.proc.returncode == 0  # and the server stopped gracefully after the run
