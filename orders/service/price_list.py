@@ -4,19 +4,19 @@ A new order is priced from these in Python, with no round trip of its own: the d
 call that places it (orders_place(), migration 0007) compares every line with the locked
 product row and answers `catalog_changed` with the rows' current terms when one differs,
 and the order is priced again from those. So an entry may be stale without an order ever
-being placed at a stale price; it costs one more call. Entries expire after TTL_S (so a
-catalog change seldom costs even that) and the table is bounded (MAX_ENTRIES, oldest out).
-Unknown SKUs are not remembered: the next order naming one reads it again.
+being placed at a stale price; it costs one more call, once per process and change.
+Entries therefore do not expire by time: with a TTL, every SKU of a large catalog would be read
+again once per TTL (with 1000 SKUs and a 30 s TTL, a read for about one order in three at
+100 orders/s). The table is bounded (MAX_ENTRIES, least recently used out). Unknown SKUs
+are not remembered: the next order naming one reads it again.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-TTL_S = 30.0
-MAX_ENTRIES = 10_000
+MAX_ENTRIES = 20_000  # a few MB at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,23 +31,22 @@ TermsRow = tuple[str, str, int, str]
 
 
 class PriceList:
-    def __init__(self, ttl_s: float = TTL_S, max_entries: int = MAX_ENTRIES) -> None:
-        self.ttl_s = ttl_s
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, Terms]] = {}  # insertion order: oldest first
+        self._entries: dict[str, Terms] = {}  # least recently used first
 
     async def terms(
         self, skus: list[str], read: Callable[[list[str]], Awaitable[Iterable[TermsRow]]]
     ) -> dict[str, Terms]:
-        """The terms of `skus` that exist; those not held (or expired) come from `read`
-        (one query for all of them). A SKU missing from the answer is not in the catalog."""
-        now = time.monotonic()
+        """The terms of `skus` that exist; those not held come from `read` (one query
+        for all of them). A SKU missing from the answer is not in the catalog."""
         found: dict[str, Terms] = {}
         missing = []
         for sku in skus:
-            entry = self._entries.get(sku)
-            if entry is not None and entry[0] > now:
-                found[sku] = entry[1]
+            terms = self._entries.pop(sku, None)
+            if terms is not None:
+                self._entries[sku] = terms  # the most recently used now
+                found[sku] = terms
             else:
                 missing.append(sku)
         if missing:
@@ -62,10 +61,9 @@ class PriceList:
         for sku in forget:
             if sku not in fresh:
                 self._entries.pop(sku, None)
-        expires = time.monotonic() + self.ttl_s
         for sku, terms in fresh.items():
-            self._entries.pop(sku, None)  # re-inserted last: the newest
-            self._entries[sku] = (expires, terms)
+            self._entries.pop(sku, None)  # re-inserted last: the most recently used
+            self._entries[sku] = terms
         while len(self._entries) > self.max_entries:
             del self._entries[next(iter(self._entries))]
         return fresh
