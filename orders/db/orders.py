@@ -173,9 +173,9 @@ async def page(
 
 # A status change: the order row (already locked by get_for_update), its event, its
 # outbox rows; `$6` releases the stock when the change is a cancellation, locking the
-# product rows in SKU order first, as a new order does (PLACE_SQL). An order leaving
+# product rows in SKU order first, as a new order does (orders_place()). An order leaving
 # pending is taken off its customer's count by the triggers of migration 0002 at the end
-# of the statement; `customer` locks that row before the product rows, in PLACE_SQL's
+# of the statement; `customer` locks that row before the product rows, in orders_place()'s
 # order (locked after them, a cancel and a new order of one customer could deadlock).
 CHANGE_SQL = """
 WITH customer AS MATERIALIZED (

@@ -1,7 +1,9 @@
 """The unit of work of a use case: its connection and transaction, and what must happen
 once that transaction has committed.
 
-A use case writes through `transaction()` and says what the commit changes:
+A use case writes through `transaction()` (or `autocommit()`, for a write that is one
+statement or one function call: no BEGIN and COMMIT round trips) and says what the
+commit changes:
 `cache_write()` for each cache entry (a new version, or a tombstone) and `dispatch_later()`
 for the outbox rows it wrote. Nothing of that happens unless the transaction commits:
 then the cache entries are written (before the response, so that the client's next read
