@@ -82,3 +82,24 @@ async def test_an_order_priced_from_a_stale_price_list_is_placed_at_the_current_
         assert await conn.fetchval(
             "SELECT count(*) FROM orders WHERE customer_id = 'cust-stale' AND total = 240"
         ) == 1
+
+
+async def test_concurrent_orders_priced_from_a_stale_price_list_are_all_placed_at_the_current_price(client, db):
+    """30 customers order at once a product whose price changed behind the process's
+    back: each order is corrected by orders_place() (none at the old price), the stock
+    goes down by exactly what was placed, and nothing is oversold."""
+    sku = await make_product(client, stock=25, price=100)
+    assert (await place(client, "cust-stale-rush-0", (sku, 1))).status_code == 201  # the list holds 100
+    async with db.acquire() as conn:
+        await conn.execute("UPDATE products SET unit_price = 130, version = version + 1 WHERE sku = $1", sku)
+    results = await asyncio.gather(*(place(client, f"cust-stale-rush-{i}", (sku, 1)) for i in range(1, 31)))
+    placed = [r for r in results if r.status_code == 201]
+    assert len(placed) == 24, [r.status_code for r in results]  # 25 in stock, one taken before
+    assert all(r.json()["total"] == 130 for r in placed)
+    assert all(r.status_code == 409 and r.json()["type"].endswith("/insufficient-stock")
+               for r in results if r.status_code != 201)
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT stock FROM products WHERE sku = $1", sku) == 0
+        assert await conn.fetchval(
+            "SELECT count(*) FROM order_items WHERE sku = $1 AND unit_price = 130", sku
+        ) == 24
