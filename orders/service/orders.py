@@ -126,6 +126,8 @@ async def place_order(
             if len({t.currency for t in terms.values()}) > 1:
                 raise _mixed_currency() from None
             failure: Exception = exc
+            # Expected once per process after each catalog change: not a warning.
+            log.info("order_repriced", attempt=attempt + 1)
         except asyncpg.DeadlockDetectedError as exc:
             # Product rows are locked in SKU order, so a deadlock should not happen; if it
             # does, the call was rolled back whole and is made again.
@@ -140,7 +142,8 @@ async def place_order(
             return _replay(record, fingerprint)
         if attempt == PLACE_ATTEMPTS - 1:
             raise Unavailable("the order could not be placed now, retry with the same key", retry_after=1) from failure
-        log.warning("order_retry", attempt=attempt + 1, reason=type(failure).__name__)
+        if not isinstance(failure, CatalogChanged):
+            log.warning("order_retry", attempt=attempt + 1, reason=type(failure).__name__)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
