@@ -25,6 +25,7 @@ from orders.invalidation_log import InvalidationLog
 from orders.notify.email import Mailer
 from orders.notify.relay import Relay
 from orders.ratelimit import RateLimiter
+from orders.service.price_list import PriceList
 from orders.service.unit_of_work import UnitOfWork
 from orders.settings import Settings
 
@@ -43,9 +44,13 @@ class Resources:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     # When SIGTERM arrived (time.monotonic()): the shutdown grace counts from there.
     sigterm_at: float | None = None
+    # The catalog terms new orders are priced from (orders/service/price_list.py).
+    price_list: PriceList = field(default_factory=PriceList)
 
     def unit_of_work(self) -> UnitOfWork:
-        return UnitOfWork(self.pool, self.cache, self.relay, self.settings.db_acquire_timeout_s)
+        return UnitOfWork(
+            self.pool, self.cache, self.relay, self.settings.db_acquire_timeout_s, price_list=self.price_list
+        )
 
     def start_draining(self) -> None:
         if self.sigterm_at is None:

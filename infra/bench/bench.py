@@ -24,11 +24,11 @@ What it does (everything on this machine, loopback only, bounded in time):
    bare app (infra/bench/bare_app.py, same uvicorn settings and worker count): a constant
    answer (ceiling b) and one order row read by id through an asyncpg pool (ceiling c);
 3. the order transaction as plain SQL through pgbench (ceiling a): a script generated
-   from the service's own SQL (orders.db.idempotency.CLAIM_SQL, orders.PLACE_SQL: the same
-   statements, in BEGIN/COMMIT, one round trip each, values passed as bind parameters
-   with the sizes of a real order), same database, same client count; plus a second
-   script that adds the outbox delivery statements the service runs per order after the
-   response (claim, mark email sent, mark audit sent);
+   from the service's own SQL (orders.PLACE_SQL: the same call of orders_place(), in
+   autocommit, one round trip, values passed as bind parameters with the sizes of a real
+   order), same database, same client count; plus a second script that adds the outbox
+   delivery statements the service runs per order after the response (claim, mark email
+   sent, mark audit sent);
 4. prints throughput, latency (p50, p99, max), non-2xx counts, the ratios orders/pgbench,
    cached GET/bare and cached GET/one-row read, CPU milliseconds per request by process
    (service, PostgreSQL and Redis servers, the sink, wrk or pgbench: /proc readings at
@@ -79,7 +79,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 from orders.auth import mint  # noqa: E402
-from orders.db import idempotency, orders, outbox  # noqa: E402
+from orders.db import orders, outbox  # noqa: E402
 from orders.dev.process import free_port, listening  # noqa: E402
 from orders.dev.smtp import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
@@ -596,13 +596,12 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
         ]
     )
     names = "ARRAY['Bench product B' || :s1, 'Bench product B' || :s2]"
-    claim = _sub(idempotency.CLAIM_SQL, {1: ":cid", 2: ":key", 3: SKUS})
-    # $1 (the order id, made by the service in Python) comes from a CTE; $8 (the
-    # transaction's now(), read by the claim) is now().
+    # One call of orders_place() in autocommit, as the service makes it. $1 (the order id,
+    # made by the service in Python) is gen_random_uuid(); $8 (the service's clock) is now().
     place = _sub(
         orders.PLACE_SQL,
         {
-            1: "(SELECT id FROM v)",
+            1: "gen_random_uuid()",
             2: ":cid",
             3: ":cur",
             4: ":email",
@@ -632,15 +631,13 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
             28: "NULL",  # no trace context: the service runs with tracing off
         },
     )
-    assert place.startswith("WITH ")
-    place = "WITH v AS (SELECT gen_random_uuid() AS id), " + place[len("WITH ") :]
-    tx = f"{head}\nBEGIN;\n{claim};\n{place};\nCOMMIT;\n"
+    tx = f"{head}\n{place};\n"
     claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease"})
     # The service marks rows sent in batches (many orders per statement under load);
     # here, per order, as the unbatched worst case.
     email_sent = _sub(outbox.EMAIL_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[1]]"})
     audit_sent = _sub(outbox.AUDIT_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[2]]"})
-    full = f"{head}\nBEGIN;\n{claim};\n{place} \\gset\nCOMMIT;\n{claim_ids};\n{email_sent};\n{audit_sent};\n"
+    full = f"{head}\n{place} \\gset\n{claim_ids};\n{email_sent};\n{audit_sent};\n"
     tx_path, full_path = out / "pgbench-order-tx.sql", out / "pgbench-order-tx-outbox.sql"
     tx_path.write_text(tx)
     full_path.write_text(full)

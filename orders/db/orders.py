@@ -23,71 +23,47 @@ ITEMS_SUBQUERY = """
        FROM order_items i WHERE i.order_id = o.id) AS items
 """
 
-# A new order in one statement, after the claim (idempotency.CLAIM_SQL): its reservation
-# and everything it writes. Every writer takes its locks in one order (CHANGE_SQL too): the
-# customer's row of customer_pending first (`customer`, which also says whether the customer
-# is under the cap of pending orders; the triggers of migration 0002 count this order at
-# the end of the statement), then the product rows in SKU order (`locked`, MATERIALIZED, so
-# that no plan of the UPDATE locks them in another order and deadlocks). A line is reserved
-# only when its stock suffices and its name, price and currency are still those of the
-# snapshot the order was priced from; only when every line is does the rest get written
-# (order, items, event, outbox rows, idempotency record). Otherwise nothing is inserted,
-# `room` / `short` / `same_terms` say why and the caller rolls back. The foreign keys of
-# order_items are checked at the end of the statement, on rows this transaction already
-# holds. Measurements behind these choices: docs/PERFORMANCE.md, "What was tuned".
-PLACE_SQL = """
-WITH customer AS (
-    INSERT INTO customer_pending AS c (customer_id, pending) VALUES ($2::text, 0)
-        ON CONFLICT (customer_id) DO UPDATE SET pending = c.pending
-    RETURNING $27::int = 0 OR c.pending < $27::int AS room
-), req AS (
-    SELECT * FROM unnest($23::text[], $24::int[], $25::text[], $26::bigint[]) AS r(sku, qty, name, unit_price)
-), locked AS MATERIALIZED (
-    SELECT p.sku, p.stock, p.name, p.unit_price, p.currency::text AS currency
-      FROM customer, products p WHERE customer.room AND p.sku = ANY($23::text[])
-     ORDER BY p.sku FOR NO KEY UPDATE OF p
-), upd AS (
-    UPDATE products p
-       SET stock = p.stock - req.qty, version = p.version + 1, updated_at = now()
-      FROM req JOIN locked USING (sku)
-     WHERE p.sku = req.sku AND p.stock >= req.qty
-       AND p.name = req.name AND p.unit_price = req.unit_price AND p.currency = $3::char(3)
- RETURNING p.sku, p.version
-), ok AS (
-    SELECT count(*) = cardinality($23::text[]) AS ok FROM upd
-), new_order AS (
-    INSERT INTO orders (id, customer_id, status, currency, email, subtotal, total,
-                        shipping_address, version, created_at, updated_at)
-    SELECT $1::uuid, $2::text, 'pending', $3::char(3), $4::text, $5::bigint, $6::bigint, $7::jsonb,
-           1, $8::timestamptz, $8::timestamptz
-      FROM ok WHERE ok.ok
-), items AS (
-    INSERT INTO order_items (order_id, position, sku, name, quantity, unit_price, line_total)
-    SELECT $1::uuid, t.* FROM unnest($9::smallint[], $10::text[], $11::text[], $12::int[],
-                                     $13::bigint[], $14::bigint[]) AS t, ok WHERE ok.ok
-), event AS (
-    INSERT INTO order_events (order_id, type, actor, data, at)
-    SELECT $1::uuid, 'order.created', $2::text, $15::jsonb, $8::timestamptz FROM ok WHERE ok.ok
-), outbox_rows AS (
-    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at, trace_context)
-    SELECT $1::uuid, t.kind, t.topic, t.payload, $8::timestamptz + make_interval(secs => $16::float8), $28::jsonb
-      FROM unnest($17::text[], $18::text[], $19::jsonb[]) AS t(kind, topic, payload), ok WHERE ok.ok
-    RETURNING id
-), idem AS (
-    INSERT INTO idempotency_keys (customer_id, key, request_hash, status_code, response_body, order_id)
-    SELECT $2::text, $20::text, $21::bytea, 201, $22::bytea, $1::uuid FROM ok WHERE ok.ok
+
+class PlaceParams(NamedTuple):
+    """The parameters of orders_place() (migration 0007), in the order of their numbers in
+    PLACE_SQL; each is passed by name (p_<field>)."""
+
+    order_id: str | None  # $1 (None .. $8 None, and no items: an order that cannot be placed)
+    customer_id: str  # $2
+    currency: str | None  # $3: the snapshot's (None when it knows none of the SKUs)
+    email: str | None  # $4
+    subtotal: int | None  # $5
+    total: int | None  # $6
+    shipping_address: dict[str, Any] | None  # $7
+    created_at: datetime | None  # $8: the service's clock, as in the response body
+    item_positions: list[int]  # $9 .. $14: the order's items, in the client's order
+    item_skus: list[str]
+    item_names: list[str]
+    item_quantities: list[int]
+    item_unit_prices: list[int]
+    item_line_totals: list[int]
+    event_data: dict[str, Any] | None  # $15
+    outbox_delay_s: float  # $16
+    outbox_kinds: list[str]  # $17 .. $19: the outbox rows
+    outbox_topics: list[str]
+    outbox_payloads: list[dict[str, Any]]
+    idempotency_key: str  # $20
+    request_hash: bytes  # $21
+    response_body: bytes | None  # $22
+    term_skus: list[str]  # $23 .. $26: the terms the order was priced at, sorted by SKU
+    term_quantities: list[int]
+    term_names: list[str | None]  # None: the snapshot does not know the SKU
+    term_unit_prices: list[int | None]
+    max_pending: int  # $27: the customer's cap of pending orders (0: none)
+    trace_context: dict[str, str] | None  # $28: the request's, for the delivery span
+
+
+# A new order in one round trip, in autocommit: the key's claim, the cap, the reservation
+# and every write of the order, or the reason why not (migration 0007 says which outcomes
+# and why). Arguments by name, so that the call and the function cannot drift apart.
+PLACE_SQL = "SELECT * FROM orders_place({})".format(
+    ", ".join(f"p_{name} => ${number}" for number, name in enumerate(PlaceParams._fields, 1))
 )
-SELECT (SELECT ok.ok FROM ok) AS placed,
-       (SELECT customer.room FROM customer) AS room,
-       (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
-       (SELECT array_agg(upd.sku ORDER BY upd.sku) FROM upd) AS reserved_skus,
-       (SELECT array_agg(upd.version ORDER BY upd.sku) FROM upd) AS reserved_versions,
-       (SELECT array_agg(req.sku ORDER BY req.sku) FROM req LEFT JOIN locked l USING (sku)
-         WHERE NOT coalesce(l.stock >= req.qty, false)) AS short,
-       (SELECT bool_and(coalesce(l.name = req.name AND l.unit_price = req.unit_price
-                                 AND l.currency = $3::text, false))
-          FROM req LEFT JOIN locked l USING (sku)) AS same_terms
-"""
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -95,64 +71,36 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-class PlaceParams(NamedTuple):
-    """The parameters of PLACE_SQL, in the order of their numbers."""
-
-    order_id: str  # $1
-    customer_id: str  # $2
-    currency: str  # $3
-    email: str  # $4
-    subtotal: int  # $5
-    total: int  # $6
-    shipping_address: dict[str, Any]  # $7
-    created_at: datetime  # $8: the transaction's timestamp, from the claim
-    item_positions: list[int]  # $9 .. $14: the order's items, in the client's order
-    item_skus: list[str]
-    item_names: list[str]
-    item_quantities: list[int]
-    item_unit_prices: list[int]
-    item_line_totals: list[int]
-    event_data: dict[str, Any]  # $15
-    outbox_delay_s: float  # $16
-    outbox_kinds: list[str]  # $17 .. $19: the outbox rows
-    outbox_topics: list[str]
-    outbox_payloads: list[dict[str, Any]]
-    idempotency_key: str  # $20
-    request_hash: bytes  # $21
-    response_body: bytes  # $22
-    term_skus: list[str]  # $23 .. $26: the terms the order was priced at, sorted by SKU
-    term_quantities: list[int]
-    term_names: list[str]
-    term_unit_prices: list[int]
-    max_pending: int  # $27: the customer's cap of pending orders (0: none)
-    trace_context: dict[str, str] | None  # $28: the request's, for the delivery span
-
-
 async def place(
     conn: asyncpg.Connection,
     *,
-    order: dict[str, Any],
-    created_at: datetime,
-    event_data: dict[str, Any],
-    outbox: list[tuple[str, str, dict[str, Any]]],
+    customer_id: str,
     idempotency_key: str,
     request_hash: bytes,
-    response_body: bytes,
-    terms: list[tuple[str, int, str, int]],
+    terms: list[tuple[str, int, str | None, int | None]],
+    currency: str | None,
     max_pending: int,
+    order: dict[str, Any] | None,
+    created_at: datetime | None = None,
+    event_data: dict[str, Any] | None = None,
+    outbox: list[tuple[str, str, dict[str, Any]]] | None = None,
+    response_body: bytes | None = None,
 ) -> asyncpg.Record:
-    """`terms`: (sku, quantity, name, unit_price) of each line, sorted by SKU, as the
-    order was priced; `max_pending`: the customer's cap of pending orders (0: none)."""
-    items = order["items"]
-    outbox_columns, term_columns = _columns(outbox, 3), _columns(terms, 4)
+    """orders_place() in autocommit: one round trip. `terms`: (sku, quantity, name,
+    unit_price) of each line, sorted by SKU, as the order was priced (name and price None:
+    the snapshot does not know the SKU); `max_pending`: the customer's cap of pending
+    orders (0: none). `order` None (with a SKU the snapshot does not know, nothing could be
+    priced): the call can only answer why not, never place."""
+    items = order["items"] if order is not None else []
+    outbox_columns, term_columns = _columns(outbox or [], 3), _columns(terms, 4)
     params = PlaceParams(
-        order_id=order["id"],
-        customer_id=order["customer_id"],
-        currency=order["currency"],
-        email=order["email"],
-        subtotal=order["subtotal"],
-        total=order["total"],
-        shipping_address=order["shipping_address"],
+        order_id=order["id"] if order is not None else None,
+        customer_id=customer_id,
+        currency=currency,
+        email=order["email"] if order is not None else None,
+        subtotal=order["subtotal"] if order is not None else None,
+        total=order["total"] if order is not None else None,
+        shipping_address=order["shipping_address"] if order is not None else None,
         created_at=created_at,
         item_positions=list(range(len(items))),
         item_skus=[i["sku"] for i in items],
@@ -225,9 +173,9 @@ async def page(
 
 # A status change: the order row (already locked by get_for_update), its event, its
 # outbox rows; `$6` releases the stock when the change is a cancellation, locking the
-# product rows in SKU order first, as a new order does (PLACE_SQL). An order leaving
+# product rows in SKU order first, as a new order does (orders_place()). An order leaving
 # pending is taken off its customer's count by the triggers of migration 0002 at the end
-# of the statement; `customer` locks that row before the product rows, in PLACE_SQL's
+# of the statement; `customer` locks that row before the product rows, in orders_place()'s
 # order (locked after them, a cancel and a new order of one customer could deadlock).
 CHANGE_SQL = """
 WITH customer AS MATERIALIZED (

@@ -13,6 +13,14 @@ async def get(conn: asyncpg.Connection, sku: str) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1", sku)
 
 
+async def terms(conn: asyncpg.Connection, skus: list[str]) -> list[tuple[str, str, int, str]]:
+    """(sku, name, unit_price, currency) of the SKUs that exist: what an order is priced from."""
+    rows = await conn.fetch(
+        "SELECT sku, name, unit_price, currency::text FROM products WHERE sku = ANY($1::text[])", skus
+    )
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
 async def page(conn: asyncpg.Connection, after: str | None, limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(
         f"SELECT {PRODUCT_COLUMNS} FROM products WHERE ($1::text IS NULL OR sku > $1) ORDER BY sku LIMIT $2",

@@ -7,16 +7,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from orders.domain.money import PricedLine, Totals, order_totals
-from orders.errors import InsufficientStock, UnknownSku
+from orders.errors import UnknownSku
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
-    """A product as the snapshot saw it."""
+    """A product's terms as the snapshot saw them (stock is judged on the locked row)."""
 
     name: str
     unit_price: int
-    stock: int
 
 
 class Line(Protocol):
@@ -37,12 +36,8 @@ class PricedOrder:
 
 def price_order(catalog: Mapping[str, CatalogEntry], currency: str, lines: Sequence[Line]) -> PricedOrder:
     """The lines priced at the snapshot's names and prices, in `currency` (the one the
-    snapshot's products share). Refused on the snapshot when it already says no:
-    InsufficientStock first (stock only grows by a cancel, so a later read cannot say
-    yes), then UnknownSku; the reservation re-checks stock and terms on the locked rows."""
-    short = sorted(line.sku for line in lines if line.sku in catalog and catalog[line.sku].stock < line.quantity)
-    if short:
-        raise InsufficientStock(skus=short)
+    snapshot's products share); UnknownSku when the snapshot lacks one. Stock, and the
+    terms themselves, are judged by the reservation on the locked rows."""
     unknown = sorted(line.sku for line in lines if line.sku not in catalog)
     if unknown:
         raise UnknownSku("some SKUs are not in the catalog", skus=unknown)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -32,11 +32,13 @@ from orders.errors import (
     PreconditionFailed,
     TooManyPendingOrders,
     Unavailable,
+    UnknownSku,
     ValidationFailed,
 )
 from orders.notify.outbox import audit_row, email_row
 from orders.ratelimit import RateLimiter
 from orders.schemas import OrderCreate
+from orders.service.price_list import Terms
 from orders.service.unit_of_work import UnitOfWork
 
 log = structlog.get_logger("orders.service")
@@ -67,8 +69,14 @@ def _replay(record: asyncpg.Record, fingerprint: bytes) -> Placed:
 
 
 class CatalogChanged(Exception):
-    """A product's name, price or currency changed between the snapshot an order was
-    priced from and its reservation: the transaction rolls back and is placed again."""
+    """A product's name, price or currency was not what the order was priced from: nothing
+    was written, and the order is priced again from the terms the database answered."""
+
+
+def _mixed_currency() -> ValidationFailed:
+    return ValidationFailed(
+        [{"field": "items", "message": "all SKUs of an order must share one currency", "code": "mixed_currency"}]
+    )
 
 
 async def place_order(
@@ -83,137 +91,184 @@ async def place_order(
     max_pending: int,
 ) -> Placed:
     """`raw`: the body as parsed JSON (its fingerprint guards the key); `max_pending`: the
-    customer's cap of pending orders (0: none)."""
+    customer's cap of pending orders (0: none).
+
+    One database round trip on the common path: the order is priced from the process's
+    price list, then orders_place() (migration 0007) claims the key, checks the cap and
+    reserves on the locked rows, in autocommit. More only when the price list misses (one
+    read), when the SKUs seem to mix currencies (one read), or when a product's terms
+    changed (one more call, priced from the terms it answered)."""
     fingerprint = request_fingerprint(raw)
     # Sorted, so that concurrent orders lock product rows in one order.
     lines = sorted(req.items, key=lambda line: line.sku)
     skus = [line.sku for line in lines]
-    counted = False
+
+    def read_terms(missing: list[str]) -> Any:
+        return uow.read(lambda conn: uow.products.terms(conn, missing))
+
+    terms = await uow.price_list.terms(skus, read_terms)
+    if len({t.currency for t in terms.values()}) > 1:
+        # A validation error that must win over the rate limit and the key's outcome, but
+        # not over a replay: judged on the latest terms and the key's record.
+        record, rows = await uow.read(lambda conn: _key_and_terms(uow, conn, caller.customer_id, key, skus))
+        terms = uow.price_list.update(rows, forget=skus)
+        if record is not None and bytes(record["request_hash"]) == fingerprint:
+            await limiter.check(caller.customer_id)
+            return _replay(record, fingerprint)
+        if len({t.currency for t in terms.values()}) > 1:
+            raise _mixed_currency()
+    await limiter.check(caller.customer_id)  # once per request, whatever the attempts
     for attempt in range(PLACE_ATTEMPTS):
         try:
-            async with uow.transaction() as conn:
-                claim = await uow.idempotency.claim(conn, caller.customer_id, key, skus)
-                stored = claim["request_hash"] is not None
-                # A replay answers exactly what the first request answered, even if the
-                # catalog has changed currencies since; any other request is validated.
-                replay = stored and bytes(claim["request_hash"]) == fingerprint
-                if not replay and claim["currencies"] > 1:
-                    raise ValidationFailed(
-                        [
-                            {
-                                "field": "items",
-                                "message": "all SKUs of an order must share one currency",
-                                "code": "mixed_currency",
-                            }
-                        ]
-                    )
-                if not counted:  # once per request, whatever the attempts
-                    counted = True
-                    await limiter.check(caller.customer_id)
-                # docs/API.md: replay, then idempotency-key-reuse, then idempotency-in-progress.
-                # A stored answer is committed: it holds whoever has the key's lock now.
-                if stored:
-                    return _replay(claim, fingerprint)
-                if not claim["locked"]:
-                    raise IdempotencyInProgress()
-                return await _place(uow, conn, caller, key, fingerprint, req, lines, claim, request_id, max_pending)
-        except (asyncpg.DeadlockDetectedError, CatalogChanged) as exc:
-            # Product rows are locked in SKU order, so a deadlock should not happen; a
-            # price changed by staff meanwhile may. Either way the transaction rolled back.
-            if attempt == PLACE_ATTEMPTS - 1:
-                raise Unavailable("the order could not be placed now, retry with the same key", retry_after=1) from exc
-            log.warning("order_retry", attempt=attempt + 1, reason=type(exc).__name__)
+            return await _place(uow, caller, key, fingerprint, req, lines, terms, request_id, max_pending)
+        except CatalogChanged as exc:
+            terms = uow.price_list.update(exc.args[0], forget=skus)
+            if len({t.currency for t in terms.values()}) > 1:
+                raise _mixed_currency() from None
+            failure: Exception = exc
+            # Expected once per process after each catalog change: not a warning.
+            log.info("order_repriced", attempt=attempt + 1)
+        except asyncpg.DeadlockDetectedError as exc:
+            # Product rows are locked in SKU order, so a deadlock should not happen; if it
+            # does, the call was rolled back whole and is made again.
+            failure = exc
         except asyncpg.UniqueViolationError as exc:
             if exc.table_name != "idempotency_keys":
                 raise
-            # Another request with this key committed between our lookup and our insert.
+            # A request with this key committed past the key's lock (a replica of an older
+            # release, say): the primary key is the final arbiter.
             record = await uow.read(lambda conn: uow.idempotency.lookup(conn, caller.customer_id, key))
             assert record is not None
             return _replay(record, fingerprint)
+        if attempt == PLACE_ATTEMPTS - 1:
+            raise Unavailable("the order could not be placed now, retry with the same key", retry_after=1) from failure
+        if not isinstance(failure, CatalogChanged):
+            log.warning("order_retry", attempt=attempt + 1, reason=type(failure).__name__)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _key_and_terms(
+    uow: UnitOfWork, conn: asyncpg.Connection, customer_id: str, key: str, skus: list[str]
+) -> tuple[asyncpg.Record | None, list[tuple[str, str, int, str]]]:
+    return await uow.idempotency.lookup(conn, customer_id, key), await uow.products.terms(conn, skus)
 
 
 async def _place(
     uow: UnitOfWork,
-    conn: asyncpg.Connection,
     caller: Principal,
     key: str,
     fingerprint: bytes,
     req: OrderCreate,
     lines: list[Any],
-    claim: asyncpg.Record,
+    terms: dict[str, Terms],
     request_id: str | None,
     max_pending: int,
 ) -> Placed:
-    """Price the order from the claim's snapshot of the catalog, then reserve and write
-    it in one statement (orders.PLACE_SQL)."""
-    # docs/API.md: the cap is the first business outcome. Refused at once when the claim's
-    # count already says so (it was true then); otherwise PLACE_SQL decides on the locked row.
-    if max_pending and (claim["pending"] or 0) >= max_pending:
-        raise _too_many_pending(max_pending)
-    catalog = {
-        sku: CatalogEntry(name, price, stock)
-        for sku, name, price, stock in zip(
-            claim["skus"] or [], claim["names"] or [], claim["unit_prices"] or [], claim["stocks"] or [], strict=True
+    """Price the order from `terms`, then one call of orders_place() decides and writes.
+    With a SKU that `terms` does not know nothing can be priced: the call still answers
+    the key's outcome, the cap, stock and unknown SKUs, in docs/API.md's order."""
+    currency = next(iter(terms.values())).currency if terms else None
+    term_rows = [
+        (
+            line.sku,
+            line.quantity,
+            *((terms[line.sku].name, terms[line.sku].unit_price) if line.sku in terms else (None, None)),
         )
-    }
-    priced = price_order(catalog, claim["currency"], req.items)  # the client's order of lines
-    totals = priced.totals
-    now = claim["now"]  # the transaction's timestamp
-    order = order_doc(
-        {
-            "id": uuid.uuid4(),
-            "customer_id": caller.customer_id,
-            "status": OrderStatus.PENDING.value,
-            "currency": totals.currency,
-            "email": str(req.email),
-            "subtotal": totals.subtotal,
-            "total": totals.total,
-            "shipping_address": req.shipping_address.model_dump(),
-            "version": 1,
-            "created_at": now,
-            "updated_at": now,
-        },
-        items=[
+        for line in lines
+    ]
+    order: dict[str, Any] | None = None
+    body = b""
+    place_args: dict[str, Any] = {}
+    if currency is not None and len(terms) == len(lines):
+        catalog = {sku: CatalogEntry(t.name, t.unit_price) for sku, t in terms.items()}
+        priced = price_order(catalog, currency, req.items)  # the client's order of lines
+        totals = priced.totals
+        # The service's clock: the response body stored under the key must be the one
+        # the client gets, and it is built before the call.
+        now = datetime.now(UTC)
+        order = order_doc(
             {
-                "sku": p.sku,
-                "name": p.name,
-                "quantity": p.quantity,
-                "unit_price": p.unit_price,
-                "line_total": p.line_total,
-            }
-            for p in priced.lines
-        ],
-    )
-    body = orjson.dumps(order)
-    after = {"status": "pending", "version": 1, "total": totals.total, "currency": totals.currency}
-    row = await uow.orders.place(
-        conn,
-        order=order,
-        created_at=now,
-        event_data={"status": "pending", "total": totals.total, "currency": totals.currency},
-        outbox=[
-            email_row(order, "created", request_id),
-            audit_row("order.created", caller.customer_id, None, after, request_id),
-        ],
-        idempotency_key=key,
-        request_hash=fingerprint,
-        response_body=body,
-        terms=[(line.sku, line.quantity, catalog[line.sku].name, catalog[line.sku].unit_price) for line in lines],
-        max_pending=max_pending,
-    )
-    if not row["placed"]:
-        if not row["room"]:
-            raise _too_many_pending(max_pending)
-        if not row["same_terms"]:
-            raise CatalogChanged()
-        raise InsufficientStock(skus=list(row["short"] or []))
-    structlog.contextvars.bind_contextvars(order_id=order["id"])
-    uow.cache_write(order_key(uow.cache.prefix, order["id"]), 1, order)
-    for sku, version in zip(row["reserved_skus"], row["reserved_versions"], strict=True):
-        uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
-    uow.dispatch_later(list(row["outbox_ids"] or []))
-    return Placed(201, body, order["id"], 1, False)
+                "id": uuid.uuid4(),
+                "customer_id": caller.customer_id,
+                "status": OrderStatus.PENDING.value,
+                "currency": totals.currency,
+                "email": str(req.email),
+                "subtotal": totals.subtotal,
+                "total": totals.total,
+                "shipping_address": req.shipping_address.model_dump(),
+                "version": 1,
+                "created_at": now,
+                "updated_at": now,
+            },
+            items=[
+                {
+                    "sku": p.sku,
+                    "name": p.name,
+                    "quantity": p.quantity,
+                    "unit_price": p.unit_price,
+                    "line_total": p.line_total,
+                }
+                for p in priced.lines
+            ],
+        )
+        body = orjson.dumps(order)
+        after = {"status": "pending", "version": 1, "total": totals.total, "currency": totals.currency}
+        place_args = {
+            "created_at": now,
+            "event_data": {"status": "pending", "total": totals.total, "currency": totals.currency},
+            "outbox": [
+                email_row(order, "created", request_id),
+                audit_row("order.created", caller.customer_id, None, after, request_id),
+            ],
+            "response_body": body,
+        }
+    async with uow.autocommit() as conn:
+        row = await uow.orders.place(
+            conn,
+            customer_id=caller.customer_id,
+            idempotency_key=key,
+            request_hash=fingerprint,
+            terms=term_rows,
+            currency=currency,
+            max_pending=max_pending,
+            order=order,
+            **place_args,
+        )
+        outcome = row["outcome"]
+        if outcome == "placed":
+            assert order is not None  # a line without terms is never placed
+            # Nothing below may raise: the order is committed.
+            structlog.contextvars.bind_contextvars(order_id=order["id"])
+            uow.cache_write(order_key(uow.cache.prefix, order["id"]), 1, order)
+            for sku, version in zip(row["skus"], row["versions"], strict=True):
+                uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
+            uow.dispatch_later(list(row["outbox_ids"] or []))
+            return Placed(201, body, order["id"], 1, False)
+    # docs/API.md: replay, then idempotency-key-reuse, then idempotency-in-progress; then
+    # the cap; then stock, then unknown SKUs.
+    if outcome == "stored":
+        return _replay(row, fingerprint)
+    if outcome == "in_progress":
+        raise IdempotencyInProgress()
+    if outcome == "too_many_pending":
+        raise _too_many_pending(max_pending)
+    if outcome == "catalog_changed":
+        raise CatalogChanged(
+            list(
+                zip(
+                    row["skus"] or [],
+                    row["names"] or [],
+                    row["unit_prices"] or [],
+                    row["currencies"] or [],
+                    strict=True,
+                )
+            )
+        )
+    if outcome == "insufficient_stock":
+        raise InsufficientStock(skus=list(row["skus"]))
+    if outcome == "unknown_sku":
+        raise UnknownSku("some SKUs are not in the catalog", skus=list(row["skus"]))
+    raise AssertionError(f"orders_place() answered {outcome!r}")
 
 
 def _too_many_pending(max_pending: int) -> TooManyPendingOrders:

@@ -28,6 +28,7 @@ async def put_product(uow: UnitOfWork, sku: str, fields: dict[str, Any]) -> tupl
         row = await uow.products.upsert(conn, sku, fields)
         doc = product_doc(row)
         uow.cache_write(product_key(uow.cache.prefix, sku), row["version"], doc)
+    uow.price_list.forget(sku)  # new terms: this process prices from them at once
     return doc, bool(row["inserted"])
 
 

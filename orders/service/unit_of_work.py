@@ -1,7 +1,9 @@
 """The unit of work of a use case: its connection and transaction, and what must happen
 once that transaction has committed.
 
-A use case writes through `transaction()` and says what the commit changes:
+A use case writes through `transaction()` (or `autocommit()`, for a write that is one
+statement or one function call: no BEGIN and COMMIT round trips) and says what the
+commit changes:
 `cache_write()` for each cache entry (a new version, or a tombstone) and `dispatch_later()`
 for the outbox rows it wrote. Nothing of that happens unless the transaction commits:
 then the cache entries are written (before the response, so that the client's next read
@@ -25,6 +27,7 @@ from orders.cache import Cache
 from orders.db import idempotency, orders, outbox, products
 from orders.db.pool import connection, read
 from orders.notify.relay import Relay
+from orders.service.price_list import PriceList
 
 T = TypeVar("T")
 
@@ -37,11 +40,20 @@ class UnitOfWork:
     outbox = outbox
     products = products
 
-    def __init__(self, pool: asyncpg.Pool, cache: Cache, relay: Relay, acquire_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        cache: Cache,
+        relay: Relay,
+        acquire_timeout_s: float,
+        price_list: PriceList | None = None,
+    ) -> None:
         self.pool = pool
         self.cache = cache
         self.relay = relay
         self.timeout = acquire_timeout_s
+        # The process's (Resources.price_list); a fresh one only where nothing shares it.
+        self.price_list = price_list if price_list is not None else PriceList()
         self._cache_entries: list[CacheEntry] = []
         self._outbox_ids: list[int] = []
 
@@ -51,11 +63,27 @@ class UnitOfWork:
         time): committed when the block ends, rolled back when it raises. After the
         commit, and after the connection went back to the pool, the cache entries the
         block collected are written; a rollback drops them and the outbox ids."""
+        async with self._after_commit(), self._connection() as conn, conn.transaction():
+            yield conn
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection outside any transaction: each statement is its own
+        transaction, committed when it returns (a write of one statement, or of one
+        function call, costs one round trip: no BEGIN, no COMMIT). What the block collects
+        happens as after transaction(); the block must not raise once a statement that
+        wrote has returned, or its effects are dropped though the write committed."""
+        async with self._after_commit(), self._connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _after_commit(self) -> AsyncIterator[None]:
+        """The cache entries of the block, written after it ends with the connection back
+        in the pool; when it raises, they and its outbox ids are dropped."""
         self._cache_entries = []
         dispatched = len(self._outbox_ids)
         try:
-            async with self._connection() as conn, conn.transaction():
-                yield conn
+            yield
         except BaseException:
             del self._outbox_ids[dispatched:]
             raise

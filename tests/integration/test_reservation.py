@@ -1,5 +1,5 @@
-"""The reservation (orders.db.orders.PLACE_SQL): an order is priced from the claim's
-snapshot of the catalog; the reservation locks the product rows and judges stock and
+"""The reservation (orders_place(), migration 0007): an order is priced from the process's
+price list; the reservation locks the product rows and judges stock and
 terms on their latest versions, never on that snapshot."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ async def _order_racing_a_change(client, db, customer: str, sku: str, quantity: 
         for _ in range(200):  # until the order's reservation waits for the row
             if await watcher.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE%'"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%'"
             ):
                 break
             await asyncio.sleep(0.05)
@@ -61,3 +61,45 @@ async def test_an_order_priced_before_a_price_change_is_placed_at_the_new_price(
         )
         assert [i["unit_price"] for i in items] == [150]
     assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 8
+
+
+async def test_an_order_priced_from_a_stale_price_list_is_placed_at_the_current_terms(client, db):
+    """The process prices from its price list (orders/service/price_list.py); a change it
+    did not make (another replica's staff request, here straight in the database) is
+    caught by orders_place() on the locked row, and the order answers the current terms."""
+    sku = await make_product(client, stock=10, price=100, name="Cup")
+    assert (await place(client, "cust-stale", (sku, 1))).status_code == 201  # the price list holds 100
+    async with db.acquire() as conn:
+        await conn.execute(
+            "UPDATE products SET unit_price = 120, name = 'Big cup', version = version + 1 WHERE sku = $1", sku
+        )
+    r = await place(client, "cust-stale", (sku, 2))
+    assert r.status_code == 201, r.text
+    item = r.json()["items"][0]
+    assert (item["name"], item["unit_price"], r.json()["total"]) == ("Big cup", 120, 240)
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT stock FROM products WHERE sku = $1", sku) == 7
+        assert await conn.fetchval(
+            "SELECT count(*) FROM orders WHERE customer_id = 'cust-stale' AND total = 240"
+        ) == 1
+
+
+async def test_concurrent_orders_priced_from_a_stale_price_list_are_all_placed_at_the_current_price(client, db):
+    """30 customers order at once a product whose price changed behind the process's
+    back: each order is corrected by orders_place() (none at the old price), the stock
+    goes down by exactly what was placed, and nothing is oversold."""
+    sku = await make_product(client, stock=25, price=100)
+    assert (await place(client, "cust-stale-rush-0", (sku, 1))).status_code == 201  # the list holds 100
+    async with db.acquire() as conn:
+        await conn.execute("UPDATE products SET unit_price = 130, version = version + 1 WHERE sku = $1", sku)
+    results = await asyncio.gather(*(place(client, f"cust-stale-rush-{i}", (sku, 1)) for i in range(1, 31)))
+    placed = [r for r in results if r.status_code == 201]
+    assert len(placed) == 24, [r.status_code for r in results]  # 25 in stock, one taken before
+    assert all(r.json()["total"] == 130 for r in placed)
+    assert all(r.status_code == 409 and r.json()["type"].endswith("/insufficient-stock")
+               for r in results if r.status_code != 201)
+    async with db.acquire() as conn:
+        assert await conn.fetchval("SELECT stock FROM products WHERE sku = $1", sku) == 0
+        assert await conn.fetchval(
+            "SELECT count(*) FROM order_items WHERE sku = $1 AND unit_price = 130", sku
+        ) == 24

@@ -18,7 +18,6 @@ import asyncpg
 import httpx
 import pytest
 
-from orders.db import idempotency as idempotency_queries
 from orders.db import orders as order_queries
 from orders.db import products as product_queries
 from orders.dev.postgres import EmbeddedPostgres
@@ -162,24 +161,31 @@ async def _kill_backend_of(conn: asyncpg.Connection, admin_dsn: str) -> None:
     await asyncio.sleep(0.2)  # let the FATAL and the close arrive
 
 
-async def test_connection_dying_before_commit_is_503_and_commits_nothing(make_settings, database_url, monkeypatch):
-    """The server ends the connection between the last statement and COMMIT: 503 (not
-    500), nothing written, and a retry behind the same key creates the order once."""
+async def test_connection_dying_during_the_placement_is_503_and_commits_nothing(make_settings, database_url, db):
+    """The server ends the connection while orders_place() runs (waiting for a product row
+    another transaction holds): 503 (not 500), nothing written, and a retry behind the
+    same key creates the order once."""
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=10)
-        customer = "cust-pg-commit"
-        real_place = order_queries.place
-
-        async def place_then_die(conn: Any, **kw: Any) -> Any:
-            result = await real_place(conn, **kw)
-            await _kill_backend_of(conn, database_url)
-            return result
-
-        monkeypatch.setattr(order_queries, "place", place_then_die)
+        customer = f"cust-pg-place-{secrets.token_hex(3)}"
         key = new_key()
-        r = await place(client, customer, (sku, 2), key=key)
+        async with db.acquire() as holder, db.acquire() as watcher:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE", sku)
+            order = asyncio.create_task(place(client, customer, (sku, 2), key=key))
+
+            async def waiting_backend() -> int | None:
+                return await watcher.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%'"
+                    " AND application_name = 'orders'"
+                )
+
+            pid = await wait_for(waiting_backend)
+            assert await watcher.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await tx.rollback()
+            r = await asyncio.wait_for(order, 10)
         assert_unavailable(r)
-        monkeypatch.setattr(order_queries, "place", real_place)
         assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 10
         assert (await client.get("/v1/orders", headers=auth(customer))).json()["items"] == []
         r = await place(client, customer, (sku, 2), key=key)
@@ -191,20 +197,21 @@ async def test_connection_dying_before_rollback_is_503(make_settings, database_u
     """A business error raised in a transaction whose connection died: the ROLLBACK
     fails too; that is a 503, never a 500."""
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
-        sku = await make_product(client, stock=1)
+        sku = await make_product(client, stock=3)
         customer = "cust-pg-rollback"
-        real_claim = idempotency_queries.claim
+        order = (await place(client, customer, (sku, 1))).json()
+        real_get = order_queries.get_for_update
 
-        async def claim_then_die(conn: Any, *a: Any) -> Any:
-            row = await real_claim(conn, *a)
+        async def get_then_die(conn: Any, *a: Any) -> Any:
+            row = await real_get(conn, *a)
             await _kill_backend_of(conn, database_url)
-            return row  # stock is short: the service raises 409 and rolls back
+            return row  # If-Match does not match: the service raises 412 and rolls back
 
-        monkeypatch.setattr(idempotency_queries, "claim", claim_then_die)
-        r = await place(client, customer, (sku, 5))
+        monkeypatch.setattr(order_queries, "get_for_update", get_then_die)
+        r = await client.post(f"/v1/orders/{order['id']}/cancel", headers={**auth(customer), "If-Match": '"7"'})
         assert_unavailable(r)
-        monkeypatch.setattr(idempotency_queries, "claim", real_claim)
-        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 1
+        monkeypatch.setattr(order_queries, "get_for_update", real_get)
+        assert (await client.get(f"/v1/orders/{order['id']}", headers=auth(customer))).json()["status"] == "pending"
 
 
 async def test_connection_dying_in_a_status_change_is_503(make_settings, database_url, monkeypatch):

@@ -76,3 +76,28 @@ async def test_a_commit_that_fails_leaves_no_effect(uow_parts, database_url):
             await _kill_backend_of(conn, database_url)  # the COMMIT meets a dead connection
     await uow.dispatch()
     assert await _cached(res, key) is None and relay.dispatched == []
+
+
+async def test_autocommit_statements_commit_alone_and_effects_follow_the_block(uow_parts, db):
+    """autocommit(): no BEGIN, each statement committed when it returns; the block's
+    effects happen once it ends, and none when it raises."""
+    res, relay, uow = uow_parts
+    key = f"{res.cache.prefix}uow:{secrets.token_hex(4)}"
+    name = f"uow_{secrets.token_hex(4)}"
+    async with uow.autocommit() as conn:
+        assert not conn.is_in_transaction()
+        await conn.execute(f"CREATE TABLE {name} (v int)")
+        uow.cache_write(key, 2, {"v": 2})
+        uow.dispatch_later([401])
+        async with db.acquire() as other:  # committed already, seen from elsewhere
+            assert await other.fetchval("SELECT to_regclass($1) IS NOT NULL", name)
+        assert await _cached(res, key) is None
+    assert await _cached(res, key) == b'2|{"v":2}'
+    with pytest.raises(RuntimeError):
+        async with uow.autocommit() as conn:
+            await conn.execute(f"DROP TABLE {name}")
+            uow.cache_write(key, 3, {"v": 3})
+            uow.dispatch_later([402])
+            raise RuntimeError("refused")
+    await uow.dispatch()
+    assert relay.dispatched == [401] and await _cached(res, key) == b'2|{"v":2}'

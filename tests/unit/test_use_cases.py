@@ -56,32 +56,14 @@ class FakeIdempotency:
         self.catalog = catalog
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
         self.held: set[tuple[str, str]] = set()  # keys another request holds the lock of
-        self.pending: dict[str, int] = {}
-
-    async def claim(self, conn: Any, customer_id: str, key: str, skus: list[str]) -> dict[str, Any]:
-        record = self.records.get((customer_id, key), {})
-        found = [self.catalog.rows[s] for s in sorted(skus) if s in self.catalog.rows]
-        return {
-            "locked": (customer_id, key) not in self.held,
-            "request_hash": record.get("request_hash"),
-            "status_code": record.get("status_code"),
-            "response_body": record.get("response_body"),
-            "currencies": len({p["currency"] for p in found}),
-            "currency": min((p["currency"] for p in found), default=None),
-            "skus": [p["sku"] for p in found] or None,
-            "names": [p["name"] for p in found] or None,
-            "unit_prices": [p["unit_price"] for p in found] or None,
-            "stocks": [p["stock"] for p in found] or None,
-            "now": NOW,
-            "pending": self.pending.get(customer_id),
-        }
 
     async def lookup(self, conn: Any, customer_id: str, key: str) -> dict[str, Any] | None:
         return self.records.get((customer_id, key))
 
 
 class FakeOrders:
-    """PLACE_SQL and CHANGE_SQL in memory: a reservation re-checks stock and terms."""
+    """orders_place() (migration 0007) and CHANGE_SQL in memory: a reservation re-checks
+    the key, stock and terms on the latest rows, and writes only when it places."""
 
     def __init__(self, catalog: FakeCatalog, idempotency: FakeIdempotency) -> None:
         self.catalog = catalog
@@ -89,34 +71,63 @@ class FakeOrders:
         self.rows: dict[UUID, dict[str, Any]] = {}
         self.next_outbox_id = 1
         self.before_reservation: Callable[[], None] | None = None  # staff acting meanwhile
+        self.calls: list[str] = []  # the outcome of each call
 
     def _outbox_ids(self, rows: list[Any]) -> list[int]:
         ids = list(range(self.next_outbox_id, self.next_outbox_id + len(rows)))
         self.next_outbox_id += len(rows)
         return ids
 
-    async def place(self, conn: Any, *, order: dict[str, Any], terms: list[tuple[str, int, str, int]], **kw: Any) -> dict[str, Any]:
+    async def place(self, conn: Any, **kw: Any) -> dict[str, Any]:
+        row = self._place(**kw)
+        self.calls.append(row["outcome"])
+        return row
+
+    def _place(
+        self, *, customer_id: str, idempotency_key: str, terms: list[Any], currency: str | None,
+        order: dict[str, Any] | None, **kw: Any,
+    ) -> dict[str, Any]:
         if self.before_reservation is not None:
             self.before_reservation()
             self.before_reservation = None
+        record = self.idempotency.records.get((customer_id, idempotency_key))
+        if record is not None:
+            return {"outcome": "stored", **record}
+        if (customer_id, idempotency_key) in self.idempotency.held:
+            return {"outcome": "in_progress"}
         products = self.catalog.rows
-        short = [sku for sku, qty, _, _ in terms if products[sku]["stock"] < qty]
-        same_terms = all((products[sku]["name"], products[sku]["unit_price"]) == (name, price) for sku, _, name, price in terms)
-        if short or not same_terms:
-            return {"placed": False, "room": True, "short": short, "same_terms": same_terms}
+        known = [products[sku] for sku, *_ in terms if sku in products]
+        if any(
+            (sku in products) != (name is not None)
+            or (sku in products and (products[sku]["name"], products[sku]["unit_price"], products[sku]["currency"]) != (name, price, currency))
+            for sku, _, name, price in terms
+        ):
+            return {
+                "outcome": "catalog_changed",
+                "skus": [p["sku"] for p in known],
+                "names": [p["name"] for p in known],
+                "unit_prices": [p["unit_price"] for p in known],
+                "currencies": [p["currency"] for p in known],
+            }
+        short = [sku for sku, qty, *_ in terms if sku in products and products[sku]["stock"] < qty]
+        if short:
+            return {"outcome": "insufficient_stock", "skus": short}
+        unknown = [sku for sku, *_ in terms if sku not in products]
+        if unknown:
+            return {"outcome": "unknown_sku", "skus": unknown}
+        assert order is not None
         for sku, qty, _, _ in terms:
             products[sku]["stock"] -= qty
             products[sku]["version"] += 1
         self.rows[UUID(order["id"])] = {**order, "created_at": NOW, "updated_at": NOW}
-        self.idempotency.records[(order["customer_id"], kw["idempotency_key"])] = {
+        self.idempotency.records[(customer_id, idempotency_key)] = {
             "request_hash": kw["request_hash"], "status_code": 201, "response_body": kw["response_body"]
         }
         return {
-            "placed": True,
-            "room": True,
+            "outcome": "placed",
             "outbox_ids": self._outbox_ids(kw["outbox"]),
-            "reserved_skus": [sku for sku, *_ in terms],
-            "reserved_versions": [products[sku]["version"] for sku, *_ in terms],
+            "skus": [sku for sku, *_ in terms],
+            "versions": [products[sku]["version"] for sku, *_ in terms],
         }
 
     async def get_for_update(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
@@ -144,6 +155,12 @@ class FakeOrders:
 class FakeProducts:
     def __init__(self, catalog: FakeCatalog) -> None:
         self.catalog = catalog
+        self.terms_read: list[list[str]] = []  # the SKUs of each read of terms
+
+    async def terms(self, conn: Any, skus: list[str]) -> list[tuple[str, str, int, str]]:
+        self.terms_read.append(list(skus))
+        rows = [self.catalog.rows[s] for s in skus if s in self.catalog.rows]
+        return [(p["sku"], p["name"], p["unit_price"], p["currency"]) for p in rows]
 
     async def get(self, conn: Any, sku: str) -> dict[str, Any] | None:
         return self.catalog.rows.get(sku)
@@ -252,7 +269,8 @@ async def test_a_placed_order_is_cached_and_dispatched_only_after_its_commit(uow
     assert (placed.status, placed.replayed, placed.version) == (201, False, 1)
     assert [(i["sku"], i["line_total"]) for i in doc["items"]] == [("PEN", 500), ("MUG", 1299)]
     assert (doc["total"], doc["currency"], doc["status"]) == (1799, "EUR", "pending")
-    assert (uow.commits, uow.rollbacks) == (1, 0)
+    assert uow.orders.calls == ["placed"]  # one call, in autocommit: no BEGIN, no COMMIT
+    assert (uow.commits, uow.rollbacks) == (0, 0)
     assert uow.cache_written == [
         (f"orders:order:{placed.order_id}", 1, doc),
         ("orders:product:MUG", 2, None),  # tombstones at the reserved versions
@@ -288,9 +306,9 @@ async def test_a_refused_order_rolls_back_and_leaves_no_effect(uow, prepare, lin
     with pytest.raises(error):
         await place(uow, "k1", *lines)
     await uow.dispatch()
-    assert (uow.commits, uow.rollbacks) == (0, 1)
+    assert "placed" not in uow.orders.calls
     assert uow.cache_written == [] and uow.relay.dispatched == []
-    assert uow.orders.rows == {}
+    assert uow.orders.rows == {} and uow.idempotency.records == {}
 
 
 async def test_the_same_key_with_another_body_is_refused(uow):
@@ -303,7 +321,42 @@ async def test_a_price_changed_before_the_reservation_is_priced_again(uow):
     uow.orders.before_reservation = lambda: uow.catalog.rows["MUG"].update(unit_price=1500, version=2)
     placed = await place(uow, "k1", ("MUG", 2))
     assert orjson.loads(placed.body)["total"] == 3000  # the new price, not the snapshot's
-    assert (uow.commits, uow.rollbacks) == (1, 1)
+    assert uow.orders.calls == ["catalog_changed", "placed"]
+
+
+async def test_orders_are_priced_from_the_price_list_without_a_read(uow):
+    await place(uow, "k1", ("MUG", 1), ("PEN", 1))
+    await place(uow, "k2", ("PEN", 2))
+    assert uow.products.terms_read == [["MUG", "PEN"]]  # the first order's miss only
+    assert uow.orders.calls == ["placed", "placed"]
+
+
+async def test_a_stale_price_list_entry_costs_one_more_call_then_is_fresh(uow):
+    await place(uow, "k1", ("MUG", 1))
+    uow.catalog.rows["MUG"].update(unit_price=1500, version=9)  # staff, through another replica
+    second = await place(uow, "k2", ("MUG", 1))
+    third = await place(uow, "k3", ("MUG", 1))
+    assert orjson.loads(second.body)["total"] == orjson.loads(third.body)["total"] == 1500
+    assert uow.orders.calls == ["placed", "catalog_changed", "placed", "placed"]
+    assert uow.products.terms_read == [["MUG"]]
+
+
+async def test_a_sku_created_after_a_miss_is_placed(uow):
+    with pytest.raises(UnknownSku):
+        await place(uow, "k1", ("LAMP", 1))
+    uow.orders.before_reservation = lambda: uow.catalog.add("LAMP", "Lamp", 4500, 3)
+    placed = await place(uow, "k1", ("LAMP", 1))  # the snapshot did not know it: priced again
+    assert orjson.loads(placed.body)["total"] == 4500
+    assert uow.orders.calls == ["unknown_sku", "catalog_changed", "placed"]
+
+
+async def test_a_product_this_process_writes_is_read_again(uow):
+    await place(uow, "k1", ("MUG", 1))
+    await product_cases.put_product(uow, "MUG", {"name": "Mug", "unit_price": 1400, "currency": "EUR", "stock": 5})
+    placed = await place(uow, "k2", ("MUG", 1))
+    assert orjson.loads(placed.body)["total"] == 1400
+    assert uow.orders.calls == ["placed", "placed"]
+    assert uow.products.terms_read == [["MUG"], ["MUG"]]
 
 
 async def test_a_cancel_releases_stock_after_its_commit_and_dispatches_its_rows(uow):
