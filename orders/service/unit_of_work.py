@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from orders.cache import Cache
-from orders.db import idempotency, orders, outbox, products
+from orders.db import idempotency, orders, outbox, payments, products
 from orders.db.pool import connection, read
 from orders.notify.relay import Relay
 
@@ -35,6 +35,7 @@ class UnitOfWork:
     idempotency = idempotency
     orders = orders
     outbox = outbox
+    payments = payments
     products = products
 
     def __init__(self, pool: asyncpg.Pool, cache: Cache, relay: Relay, acquire_timeout_s: float) -> None:
