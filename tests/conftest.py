@@ -114,6 +114,8 @@ def base_env(database_url: str, redis_url: str, smtp: SmtpSink, cache_prefix: st
         "ORDERS_MAX_PENDING_ORDERS_PER_CUSTOMER": "1000",
         "ORDERS_LOG_LEVEL": "warning",
         "ORDERS_RELAY_INTERVAL_S": "0.5",
+        # A day: no order of a long session expires under a test; the expiry tests set 1 s.
+        "ORDERS_PAYMENT_TIMEOUT_S": "86400",
     }
 
 

@@ -128,19 +128,21 @@ async def expire_overdue(uow: UnitOfWork, *, timeout_s: float, batch: int) -> tu
     expired = 0
     try:
         for order_id in ids:
-            async with uow.transaction() as conn:
-                row = await uow.payments.lock_overdue(conn, order_id, timeout_s=timeout_s)
-                if row is not None:
-                    await apply_change(
-                        uow,
-                        conn,
-                        row,
-                        OrderStatus.CANCELLED,
-                        actor=SYSTEM_ACTOR,
-                        request_id=None,
-                        reason=TIMEOUT_REASON,
-                    )
-                    expired += 1
+            # The task's log context gets the order for this one only (apply_change binds it).
+            with structlog.contextvars.bound_contextvars(order_id=str(order_id)):
+                async with uow.transaction() as conn:
+                    row = await uow.payments.lock_overdue(conn, order_id, timeout_s=timeout_s)
+                    if row is not None:
+                        await apply_change(
+                            uow,
+                            conn,
+                            row,
+                            OrderStatus.CANCELLED,
+                            actor=SYSTEM_ACTOR,
+                            request_id=None,
+                            reason=TIMEOUT_REASON,
+                        )
+                        expired += 1
     finally:
         # The emails of the committed expiries, to the relay's fast path.
         await uow.dispatch()
