@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from orders import tracing
-from orders.api import admin, docs, health, orders, products
+from orders.api import admin, docs, health, orders, payments, products
 from orders.api.openapi import add_schemas
 from orders.api.problems import install_handlers, internal_error
 from orders.body import BodyLimit
@@ -25,7 +25,7 @@ from orders.cors import ProblemCORSMiddleware
 from orders.middleware import HttpMiddleware
 from orders.observability import RequestContext, configure_logging, pool_gauges
 from orders.resources import open_resources
-from orders.schemas import OrderCreate, ProductIn, StatusChange
+from orders.schemas import OrderCreate, PaymentEventIn, ProductIn, StatusChange
 from orders.settings import Settings
 
 log = structlog.get_logger("orders.app")
@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The routes go straight onto the application's router, not through include_router,
     # which re-walks an included router's routes on every request (docs/PERFORMANCE.md).
     # The routers carry only a prefix and tags, which their routes already hold.
-    for router in (products.router, orders.router, admin.router, health.router, docs.router):
+    for router in (products.router, orders.router, payments.router, admin.router, health.router, docs.router):
         app.router.routes.extend(router.routes)
     app.router.routes.append(docs.assets)
 
@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            app.openapi_schema = add_schemas(spec, OrderCreate, StatusChange, ProductIn)
+            app.openapi_schema = add_schemas(spec, OrderCreate, StatusChange, ProductIn, PaymentEventIn)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

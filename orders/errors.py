@@ -7,6 +7,7 @@ Hierarchy::
 
     OrdersError                  detail for the client, extra members, retry_after
     ├── Unauthorized             no valid bearer token
+    ├── InvalidSignature         a payment event without a valid Payment-Signature
     ├── Forbidden                staff only
     ├── NotFound                 no such order / product (or not the caller's)
     ├── IdempotencyKeyMissing    POST /v1/orders without a usable Idempotency-Key
@@ -34,6 +35,8 @@ class OrdersError(Exception):
     `retry_after` is set, the client may retry after that many seconds."""
 
     default_detail = "an unexpected error occurred"
+    # The WWW-Authenticate challenge of a 401 (RFC 9110 requires one).
+    challenge = "Bearer"
 
     def __init__(self, detail: str | None = None, *, retry_after: int | None = None, **extra: Any) -> None:
         self.detail = detail or self.default_detail
@@ -44,6 +47,11 @@ class OrdersError(Exception):
 
 class Unauthorized(OrdersError):
     default_detail = "a valid bearer token is required"
+
+
+class InvalidSignature(OrdersError):
+    default_detail = "a valid Payment-Signature is required"
+    challenge = "Payment-Signature"
 
 
 class Forbidden(OrdersError):

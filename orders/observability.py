@@ -76,6 +76,11 @@ for _kind in ("email", "audit"):
     NOTIFICATIONS_SENT.labels(_kind)
     for _final in ("true", "false"):
         NOTIFICATIONS_FAILED.labels(_kind, _final)
+PAYMENT_OUTCOMES = ("paid", "duplicate", "amount_mismatch", "refund_required", "recorded", "ignored")
+PAYMENT_EVENTS = Counter("orders_payment_events_total", "Authentic payment events handled, by outcome", ["outcome"])
+EXPIRED_ORDERS = Counter("orders_expired_total", "Pending orders cancelled because their payment timed out")
+for _outcome in PAYMENT_OUTCOMES:  # from 0, like the notification counters above
+    PAYMENT_EVENTS.labels(_outcome)
 HTTP_GUARDED = Counter(
     "orders_http_guarded_total",
     "Requests refused or connections closed by the HTTP guards of `orders serve`",

@@ -25,6 +25,7 @@ from orders.invalidation_log import InvalidationLog
 from orders.notify.email import Mailer
 from orders.notify.relay import Relay
 from orders.ratelimit import RateLimiter
+from orders.service.expiry import Expiry
 from orders.service.price_list import PriceList
 from orders.service.unit_of_work import UnitOfWork
 from orders.settings import Settings
@@ -130,11 +131,15 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         verifier=verifier,
     )
     relay.start()
+    expiry = Expiry(res.unit_of_work, settings.payment_timeout_s)
+    expiry.start()
     log.info("started", pool_max=settings.db_pool_max, cache=cache.enabled)
     try:
         yield res
     finally:
         res.start_draining()
+        # Before the relay stops, which then flushes the emails of the last expiries.
+        await expiry.stop()
         # ORDERS_SHUTDOWN_GRACE_S counts from SIGTERM: uvicorn's drain used part of it.
         assert res.sigterm_at is not None
         await relay.stop(res.sigterm_at + settings.shutdown_grace_s)

@@ -218,3 +218,42 @@ class Notification(BaseModel):
 class NotificationPage(BaseModel):
     items: list[Notification]
     next_cursor: str | None
+
+
+PAYMENT_EVENT_ID_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII, space included
+PaymentOutcome = Literal["paid", "duplicate", "amount_mismatch", "refund_required", "recorded", "ignored"]
+# The outcomes a recorded event can have (a duplicate is not recorded again).
+RecordedOutcome = Literal["paid", "amount_mismatch", "refund_required", "recorded", "ignored"]
+
+
+class PaymentEventIn(BaseModel):
+    """An event of the payment provider (POST /v1/payments/events). Fields the provider
+    adds beyond these are ignored: a strict refusal would be retried by it forever."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Annotated[str, StringConstraints(pattern=PAYMENT_EVENT_ID_PATTERN)]
+    type: Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_CONTROL)]
+    order_id: UUID
+    amount: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+    currency: Currency
+
+
+class PaymentResult(BaseModel):
+    outcome: PaymentOutcome
+
+
+class PaymentEvent(BaseModel):
+    """A recorded provider event (GET /v1/payments/events)."""
+
+    id: str
+    order_id: UUID
+    type: str
+    amount: int
+    currency: str
+    outcome: RecordedOutcome
+    received_at: datetime
+
+
+class PaymentEventPage(BaseModel):
+    items: list[PaymentEvent]
+    next_cursor: str | None

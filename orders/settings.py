@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
 
+    # Comma-separated: the payment provider's webhook signing secrets (several during a rotation).
+    payment_webhook_secret: str | None = None
+    # A pending order not paid within this long is cancelled (reason payment_timeout).
+    payment_timeout_s: float = Field(900.0, gt=0, le=30 * 86400)
+
     cors_origins: str = ""
     max_body_bytes: int = Field(65536, ge=1024)
     shutdown_grace_s: float = Field(25.0, ge=0)
@@ -117,7 +122,15 @@ class Settings(BaseSettings):
         if self.database_url is None:
             raise ValueError("ORDERS_DATABASE_URL is required (or run `orders dev`)")
         check_secret("ORDERS_JWT_SECRET", self.jwt_secret)
+        # Each secret of a rotation must be strong; none at all is refused like a weak one.
+        secrets: list[str | None] = [*self.payment_webhook_secrets] or [None]
+        for secret in secrets:
+            check_secret("ORDERS_PAYMENT_WEBHOOK_SECRET", secret)
         return self
+
+    @property
+    def payment_webhook_secrets(self) -> list[str]:
+        return [s.strip() for s in (self.payment_webhook_secret or "").split(",") if s.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

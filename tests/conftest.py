@@ -33,6 +33,7 @@ from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
 
 JWT_SECRET = "test-only-jwt-secret-0123456789-abcdefghij"
+WEBHOOK_SECRET = "test-only-webhook-secret-0123456789-klmnopqrst"
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +102,7 @@ def base_env(database_url: str, redis_url: str, smtp: SmtpSink, cache_prefix: st
         "ORDERS_SMTP_PORT": str(smtp.port),
         "ORDERS_SMTP_TIMEOUT_S": "3",
         "ORDERS_JWT_SECRET": JWT_SECRET,
+        "ORDERS_PAYMENT_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "ORDERS_DB_POOL_MIN": "2",
         "ORDERS_DB_POOL_MAX": "20",
         # Longer than the 2 s default: the concurrency tests queue 80 requests on 20
@@ -112,6 +114,8 @@ def base_env(database_url: str, redis_url: str, smtp: SmtpSink, cache_prefix: st
         "ORDERS_MAX_PENDING_ORDERS_PER_CUSTOMER": "1000",
         "ORDERS_LOG_LEVEL": "warning",
         "ORDERS_RELAY_INTERVAL_S": "0.5",
+        # A day: no order of a long session expires under a test; the expiry tests set 1 s.
+        "ORDERS_PAYMENT_TIMEOUT_S": "86400",
     }
 
 

@@ -953,6 +953,7 @@ def main() -> int:
                 "ORDERS_SMTP_HOST": host,
                 "ORDERS_SMTP_PORT": str(smtp_port),
                 "ORDERS_JWT_SECRET": secret,
+                "ORDERS_PAYMENT_WEBHOOK_SECRET": secrets.token_urlsafe(48),
                 "ORDERS_DB_POOL_MIN": str(min(5, POOL_MAX)),
                 "ORDERS_DB_POOL_MAX": str(POOL_MAX),
                 "ORDERS_LOG_FORMAT": "json",

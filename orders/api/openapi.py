@@ -185,16 +185,35 @@ def _declare_headers(spec: dict[str, Any]) -> None:
 
 
 BEARER = {"type": "http", "scheme": "bearer", "description": "HS256 JWT: `sub` customer id, `exp`, optional `roles`"}
+PAYMENT_SIGNATURE = {
+    "type": "apiKey",
+    "in": "header",
+    "name": "Payment-Signature",
+    "description": 't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>"> with ORDERS_PAYMENT_WEBHOOK_SECRET',
+}
+# openapi_extra of the payment provider's route: signed, no bearer token.
+SIGNED = {"security": [{"PaymentSignature": []}]}
+SIGNATURE_401 = {
+    401: {
+        "description": "invalid-signature: no, malformed or wrong Payment-Signature, or t more than 300 s from now",
+        "content": PROBLEM,
+        "headers": {
+            "WWW-Authenticate": {"description": "Payment-Signature", "required": True, "schema": {"type": "string"}}
+        },
+    }
+}
 
 
 def _declare_bearer(spec: dict[str, Any]) -> None:
     """The bearer scheme on every operation that can answer 401 (those that take a
     token), declared here once rather than by a FastAPI security dependency that would
     parse the Authorization header on every request only to document it."""
-    spec["components"].setdefault("securitySchemes", {})["HTTPBearer"] = BEARER
+    schemes = spec["components"].setdefault("securitySchemes", {})
+    schemes["HTTPBearer"] = BEARER
+    schemes["PaymentSignature"] = PAYMENT_SIGNATURE
     for operations in spec.get("paths", {}).values():
         for operation in operations.values():
-            if "401" in operation.get("responses", {}):
+            if "401" in operation.get("responses", {}) and "security" not in operation:
                 operation["security"] = [{"HTTPBearer": []}]
 
 

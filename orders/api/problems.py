@@ -38,6 +38,7 @@ INTERNAL = ProblemType(500, "internal-error", "Internal server error")
 PROBLEM_TYPES: dict[type[errors.OrdersError], ProblemType] = {
     errors.OrdersError: INTERNAL,
     errors.Unauthorized: ProblemType(401, "unauthorized", "Unauthorized"),
+    errors.InvalidSignature: ProblemType(401, "invalid-signature", "Invalid signature"),
     errors.Forbidden: ProblemType(403, "forbidden", "Forbidden"),
     errors.NotFound: ProblemType(404, "not-found", "Not found"),
     errors.IdempotencyKeyMissing: ProblemType(400, "idempotency-key-missing", "Idempotency-Key required"),
@@ -74,7 +75,7 @@ def error_response(exc: errors.OrdersError) -> Response:
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
+        headers["WWW-Authenticate"] = exc.challenge
     return problem_response(status, body, headers)
 
 

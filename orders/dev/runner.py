@@ -50,6 +50,14 @@ async def seed(dsn: str) -> None:
         await conn.close()
 
 
+def _dev_secret(path: Path) -> str:
+    """A random secret of this dev directory, made on first use and kept (0600)."""
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def run(port: int | None) -> int:
     root = Path(os.environ.get("ORDERS_DEV_DIR", ".dev")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -68,11 +76,9 @@ def run(port: int | None) -> int:
             host, smtp_port = sink.start()
             os.environ["ORDERS_SMTP_HOST"], os.environ["ORDERS_SMTP_PORT"] = host, str(smtp_port)
             stack.append(sink)
-        secret_file = root / "jwt_secret"
-        if not secret_file.exists():
-            secret_file.write_text(secrets.token_urlsafe(48))
-            secret_file.chmod(0o600)
-        os.environ.setdefault("ORDERS_JWT_SECRET", secret_file.read_text().strip())
+        os.environ.setdefault("ORDERS_JWT_SECRET", _dev_secret(root / "jwt_secret"))
+        # For a payment provider simulator (docs/API.md, Payments): kept across runs, like the JWT secret.
+        os.environ.setdefault("ORDERS_PAYMENT_WEBHOOK_SECRET", _dev_secret(root / "payment_webhook_secret"))
         os.environ.setdefault("ORDERS_LOG_FORMAT", "console")
         if port is not None:  # --port wins over ORDERS_PORT (environment or .env; default 8000)
             os.environ["ORDERS_PORT"] = str(port)
@@ -89,7 +95,10 @@ def run(port: int | None) -> int:
         print(f"  SMTP sink  {settings.smtp_host}:{settings.smtp_port} (mail saved in {root / 'mail'})")
         print(f"  API        http://{api_host}:{settings.port}/docs (listening on {settings.host})")
         print(f"\n  customer token (sub=demo-customer):\n    {mint(settings, 'demo-customer', ttl_s=86400)}")
-        print(f"  admin token (sub=demo-admin):\n    {mint(settings, 'demo-admin', roles=['admin'], ttl_s=86400)}\n")
+        print(f"  admin token (sub=demo-admin):\n    {mint(settings, 'demo-admin', roles=['admin'], ttl_s=86400)}")
+        print(
+            f"  payment webhook secret (Payment-Signature of POST /v1/payments/events):\n    {settings.payment_webhook_secret}\n"
+        )
         settings.migrate_on_start = False
         os.environ["ORDERS_MIGRATE_ON_START"] = "false"
         return serve(settings)

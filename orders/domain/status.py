@@ -21,8 +21,8 @@ TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
     OrderStatus.CANCELLED: frozenset(),
 }
 
-# Changes that email the customer (docs/API.md: shipped and cancelled; creation too).
-NOTIFYING = frozenset({OrderStatus.SHIPPED, OrderStatus.CANCELLED})
+# Changes that email the customer (docs/API.md: paid, shipped and cancelled; creation too).
+NOTIFYING = frozenset({OrderStatus.PAID, OrderStatus.SHIPPED, OrderStatus.CANCELLED})
 
 
 def can_transition(current: OrderStatus, target: OrderStatus) -> bool:

@@ -28,11 +28,13 @@ from orders.settings import Settings
 
 SUBJECTS = {
     "created": "Your order {short} is confirmed",
+    "paid": "Payment received for your order {short}",
     "shipped": "Your order {short} has shipped",
     "cancelled": "Your order {short} is cancelled",
 }
 INTROS = {
     "created": "Thank you for your order.",
+    "paid": "We have received your payment. Thank you!",
     "shipped": "Your order has shipped.",
     "cancelled": "Your order has been cancelled. Nothing will be charged for it.",
 }

@@ -6,7 +6,12 @@ from typing import Any
 
 OutboxRow = tuple[str, str, dict[str, Any]]
 
-EMAIL_TOPICS = {"created": "order.created", "shipped": "order.shipped", "cancelled": "order.cancelled"}
+EMAIL_TOPICS = {
+    "created": "order.created",
+    "paid": "order.paid",
+    "shipped": "order.shipped",
+    "cancelled": "order.cancelled",
+}
 
 
 def message_id(order_id: str, event: str) -> str:

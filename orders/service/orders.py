@@ -290,9 +290,14 @@ async def change_status(
     target: OrderStatus,
     if_match: frozenset[int] | None,
     request_id: str | None,
+    *,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Move an order to `target` (cancel included): 404, 412, 409 or the new order.
-    `if_match`: the versions the client accepts (None: any)."""
+    `if_match`: the versions the client accepts (None: any). `reason` of a cancellation:
+    by default "staff" when staff cancel, else "customer"."""
+    if target is OrderStatus.CANCELLED and reason is None:
+        reason = "staff" if caller.is_admin else "customer"
     async with uow.transaction() as conn:
         row = await uow.orders.get_for_update(conn, order_id)
         if row is None or not caller.can_see(row["customer_id"]):
@@ -305,31 +310,56 @@ async def change_status(
                 f"an order that is {current.value} cannot become {target.value}",
                 current_status=current.value,
             )
-        actor = caller.customer_id
-        before = {"status": current.value, "version": row["version"]}
-        after = {"status": target.value, "version": row["version"] + 1}
-        doc = order_doc(row)
-        doc["status"] = target.value
-        doc["version"] = row["version"] + 1
-        outbox_rows = [audit_row(event_type(target), actor, before, after, request_id)]
-        if target in NOTIFYING:
-            outbox_rows.append(email_row(doc, target.value, request_id))
-        result = await uow.orders.change_status(
-            conn,
-            order_id,
-            status=target.value,
-            event_type=event_type(target),
-            actor=actor,
-            event_data={"from": current.value, "to": target.value},
-            release_stock=target is OrderStatus.CANCELLED,
-            outbox=outbox_rows,
+        return await apply_change(
+            uow, conn, row, target, actor=caller.customer_id, request_id=request_id, reason=reason
         )
-        doc["updated_at"] = rfc3339(result["updated_at"])
-        structlog.contextvars.bind_contextvars(order_id=str(order_id))
-        uow.cache_write(order_key(uow.cache.prefix, order_id), doc["version"], doc)
-        for sku, version in result["released"] or []:
-            uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
-        uow.dispatch_later(list(result["outbox_ids"] or []))
+
+
+async def apply_change(
+    uow: UnitOfWork,
+    conn: asyncpg.Connection,
+    row: asyncpg.Record,
+    target: OrderStatus,
+    *,
+    actor: str,
+    request_id: str | None,
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one path of every status change (staff, customer, payment provider, expiry):
+    `row` is the order as get_for_update read it, locked by this open transaction, and
+    the transition is allowed. Writes the change, its timeline event (with `reason` and
+    `data`), audit entry and email; the cache and the delivery follow the commit."""
+    order_id = UUID(str(row["id"]))
+    current = OrderStatus(row["status"])
+    before = {"status": current.value, "version": row["version"]}
+    after = {"status": target.value, "version": row["version"] + 1}
+    event_data: dict[str, Any] = {"from": current.value, "to": target.value, **(data or {})}
+    if reason is not None:
+        event_data["reason"] = reason
+        after["reason"] = reason
+    doc = order_doc(row)
+    doc["status"] = target.value
+    doc["version"] = row["version"] + 1
+    outbox_rows = [audit_row(event_type(target), actor, before, after, request_id)]
+    if target in NOTIFYING:
+        outbox_rows.append(email_row(doc, target.value, request_id))
+    result = await uow.orders.change_status(
+        conn,
+        order_id,
+        status=target.value,
+        event_type=event_type(target),
+        actor=actor,
+        event_data=event_data,
+        release_stock=target is OrderStatus.CANCELLED,
+        outbox=outbox_rows,
+    )
+    doc["updated_at"] = rfc3339(result["updated_at"])
+    structlog.contextvars.bind_contextvars(order_id=str(order_id))
+    uow.cache_write(order_key(uow.cache.prefix, order_id), doc["version"], doc)
+    for sku, version in result["released"] or []:
+        uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
+    uow.dispatch_later(list(result["outbox_ids"] or []))
     return doc
 
 

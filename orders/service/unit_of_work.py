@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from orders.cache import Cache
-from orders.db import idempotency, orders, outbox, products
+from orders.db import idempotency, orders, outbox, payments, products
 from orders.db.pool import connection, read
 from orders.notify.relay import Relay
 from orders.service.price_list import PriceList
@@ -38,6 +38,7 @@ class UnitOfWork:
     idempotency = idempotency
     orders = orders
     outbox = outbox
+    payments = payments
     products = products
 
     def __init__(

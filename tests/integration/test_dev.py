@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from orders.dev.process import free_port, listening
+from orders.domain import signature
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +65,15 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
                        json={"email": "a@example.com", "items": [{"sku": "MUG-001", "quantity": 1}],
                              "shipping_address": {"name": "A", "line1": "1 St", "city": "X", "postal_code": "1", "country": "US"}})
         assert r.status_code == 201, r.text
+        # The printed webhook secret signs a provider's event (a provider simulator's use).
+        secret = output.split("payment webhook secret (Payment-Signature of POST /v1/payments/events):")[1].split()[0]
+        assert secret == (tmp_path / ".dev" / "payment_webhook_secret").read_text().strip()
+        order = r.json()
+        body = orjson.dumps({"id": "evt-dev-1", "type": "payment.succeeded", "order_id": order["id"],
+                             "amount": order["total"], "currency": order["currency"]})
+        paid = httpx.post(f"http://127.0.0.1:{http_port}/v1/payments/events", content=body,
+                          headers={"Payment-Signature": signature.header(secret, int(time.time()), body)})
+        assert paid.status_code == 200 and paid.json() == {"outcome": "paid"}, paid.text
         assert listening(pg_port) and listening(redis_port)
         # It prints working tokens: loopback only (a wildcard bind would answer on 127.0.0.2 too).
         assert not listening(http_port, "127.0.0.2")

@@ -59,15 +59,17 @@ async def test_confirmation_arrives_once_and_cancel_sends_another(client, smtp, 
     assert sorted(sent) == sorted([created_id, cancelled_id])
 
 
-async def test_shipping_sends_an_email_and_paid_does_not(client, smtp):
+async def test_paid_and_shipped_send_an_email_and_delivered_does_not(client, smtp):
     sku = await make_product(client, stock=10)
     oid = (await place(client, "cust-ship", (sku, 1))).json()["id"]
     for status in ("paid", "shipped", "delivered"):
         r = await client.post(f"/v1/orders/{oid}/status", headers=ADMIN, json={"status": status})
         assert r.status_code == 200
     await wait_for(lambda: _by_id(smtp, f"<order-{oid}.shipped@orders>"))
+    paid = await wait_for(lambda: _by_id(smtp, f"<order-{oid}.paid@orders>"))
+    assert len(paid) == 1 and paid[0]["Subject"] == f"Payment received for your order {oid[:8]}"
     await asyncio.sleep(1)
-    assert not _by_id(smtp, f"<order-{oid}.paid@orders>") and not _by_id(smtp, f"<order-{oid}.delivered@orders>")
+    assert not _by_id(smtp, f"<order-{oid}.delivered@orders>")
 
 
 async def test_smtp_down_then_back_on_the_same_port(make_settings, isolated_db):

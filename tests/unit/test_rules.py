@@ -26,7 +26,7 @@ WEAK_SECRETS = [
 @pytest.mark.parametrize("secret", WEAK_SECRETS)
 def test_settings_refuse_missing_or_weak_jwt_secret(secret):
     with pytest.raises(ValidationError, match="ORDERS_JWT_SECRET"):
-        Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=secret)
+        Settings(_env_file=None, database_url="postgresql://u@h/db", payment_webhook_secret=STRONG, jwt_secret=secret)
     Settings(_env_file=None, jwt_secret=secret, dev=True)  # dev takes anything
 
 
@@ -39,7 +39,21 @@ def test_the_secret_rule_is_reusable_and_names_the_setting(secret):
 @pytest.mark.parametrize("secret", ["abcdefghijkl" * 3, "é" * 6 + "abcdefghijk" + "0" * 10, STRONG])
 def test_secrets_of_32_bytes_and_12_distinct_characters_pass(secret):
     check_secret("ORDERS_OTHER_SECRET", secret)
-    assert Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=secret).jwt_secret == secret
+    assert Settings(_env_file=None, database_url="postgresql://u@h/db", payment_webhook_secret=STRONG, jwt_secret=secret).jwt_secret == secret
+
+
+@pytest.mark.parametrize("secret", [*WEAK_SECRETS, f"{STRONG},short", f"short,{STRONG}", " , "])
+def test_settings_refuse_a_missing_or_weak_payment_webhook_secret(secret):
+    """Every secret of a rotation must be strong: one weak one would let forgeries in."""
+    with pytest.raises(ValidationError, match="ORDERS_PAYMENT_WEBHOOK_SECRET"):
+        Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG, payment_webhook_secret=secret)
+    Settings(_env_file=None, payment_webhook_secret=secret, dev=True)  # dev takes anything
+
+
+def test_payment_webhook_secrets_are_a_comma_separated_list():
+    other = STRONG[::-1]
+    s = Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG, payment_webhook_secret=f" {STRONG} ,{other}")
+    assert s.payment_webhook_secrets == [STRONG, other]
 
 
 def test_settings_require_a_database_outside_dev():
@@ -49,14 +63,15 @@ def test_settings_require_a_database_outside_dev():
 
 
 def test_settings_defaults_follow_the_contract():
-    s = Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG)
+    s = Settings(_env_file=None, database_url="postgresql://u@h/db", payment_webhook_secret=STRONG, jwt_secret=STRONG)
     assert (s.db_pool_min, s.db_pool_max, s.db_acquire_timeout_s) == (5, 50, 2)
     assert (s.cache_ttl_s, s.smtp_host, s.smtp_port, s.smtp_starttls) == (300, "localhost", 1025, False)
     assert (s.mail_from, s.max_body_bytes, s.shutdown_grace_s) == ("orders@example.com", 65536, 25)
     assert (s.log_format, s.log_level, s.rate_limit_per_minute, s.migrate_on_start) == ("json", "info", 60, True)
     assert s.max_pending_orders_per_customer == 10
+    assert s.payment_timeout_s == 900
     with pytest.raises(ValidationError):
-        Settings(_env_file=None, database_url="postgresql://u@h/db", jwt_secret=STRONG, db_pool_min=9, db_pool_max=3)
+        Settings(_env_file=None, database_url="postgresql://u@h/db", payment_webhook_secret=STRONG, jwt_secret=STRONG, db_pool_min=9, db_pool_max=3)
 
 
 def test_cors_origins_are_a_comma_separated_list():

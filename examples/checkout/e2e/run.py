@@ -134,6 +134,7 @@ def main() -> int:
             "ORDERS_SMTP_HOST": smtp_host,
             "ORDERS_SMTP_PORT": str(smtp_port),
             "ORDERS_JWT_SECRET": secret,
+            "ORDERS_PAYMENT_WEBHOOK_SECRET": secrets.token_urlsafe(48),
             "ORDERS_CORS_ORIGINS": page,
             "ORDERS_HOST": "127.0.0.1",
             "ORDERS_PORT": str(api_port),

@@ -175,6 +175,24 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/payments/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Recorded payment events, newest first (staff) */
+        get: operations["list_payment_events_v1_payments_events_get"];
+        put?: never;
+        /** An event of the payment provider (signed with Payment-Signature) */
+        post: operations["payment_event_v1_payments_events_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/products": {
         parameters: {
             query?: never;
@@ -380,6 +398,74 @@ export interface components {
          * @enum {string}
          */
         OrderStatus: "pending" | "paid" | "shipped" | "delivered" | "cancelled";
+        /**
+         * PaymentEvent
+         * @description A recorded provider event (GET /v1/payments/events).
+         */
+        PaymentEvent: {
+            /** Amount */
+            amount: number;
+            /** Currency */
+            currency: string;
+            /** Id */
+            id: string;
+            /**
+             * Order Id
+             * Format: uuid
+             */
+            order_id: string;
+            /**
+             * Outcome
+             * @enum {string}
+             */
+            outcome: "paid" | "amount_mismatch" | "refund_required" | "recorded" | "ignored";
+            /**
+             * Received At
+             * Format: date-time
+             */
+            received_at: string;
+            /** Type */
+            type: string;
+        };
+        /**
+         * PaymentEventIn
+         * @description An event of the payment provider (POST /v1/payments/events). Fields the provider
+         *     adds beyond these are ignored: a strict refusal would be retried by it forever.
+         */
+        PaymentEventIn: {
+            /** Amount */
+            amount: number;
+            /**
+             * Currency
+             * @description ISO 4217 code
+             * @enum {string}
+             */
+            currency: "AED" | "AFN" | "ALL" | "AMD" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUP" | "CVE" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRU" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SLE" | "SOS" | "SRD" | "SSP" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XCD" | "XCG" | "XOF" | "XPF" | "YER" | "ZAR" | "ZMW" | "ZWG";
+            /** Id */
+            id: string;
+            /**
+             * Order Id
+             * Format: uuid
+             */
+            order_id: string;
+            /** Type */
+            type: string;
+        };
+        /** PaymentEventPage */
+        PaymentEventPage: {
+            /** Items */
+            items: components["schemas"]["PaymentEvent"][];
+            /** Next Cursor */
+            next_cursor: string | null;
+        };
+        /** PaymentResult */
+        PaymentResult: {
+            /**
+             * Outcome
+             * @enum {string}
+             */
+            outcome: "paid" | "duplicate" | "amount_mismatch" | "refund_required" | "recorded" | "ignored";
+        };
         /**
          * Problem
          * @description application/problem+json (RFC 9457). Branch on `type`; `title` and `detail` are for people.
@@ -1242,6 +1328,158 @@ export interface operations {
             /** @description If-Match does not match the current ETag */
             412: {
                 headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body too large */
+            413: {
+                headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation error, unknown SKU or Idempotency-Key reuse */
+            422: {
+                headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unavailable: database down, pool exhausted or draining */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After": string;
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_payment_events_v1_payments_events_get: {
+        parameters: {
+            query?: {
+                outcome?: ("paid" | "amount_mismatch" | "refund_required" | "recorded" | "ignored") | null;
+                limit?: number;
+                cursor?: string | null;
+            };
+            header?: {
+                /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
+                "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PaymentEventPage"];
+                };
+            };
+            /** @description No or bad bearer token */
+            401: {
+                headers: {
+                    /** @description Bearer */
+                    "WWW-Authenticate": string;
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Staff only */
+            403: {
+                headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation error, unknown SKU or Idempotency-Key reuse */
+            422: {
+                headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unavailable: database down, pool exhausted or draining */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After": string;
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    payment_event_v1_payments_events_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description 1 to 128 of A-Z a-z 0-9 . _ : -: echoed in the answer and in every log line */
+                "X-Request-ID"?: components["parameters"]["X-Request-ID"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                traceparent?: components["parameters"]["traceparent"];
+                /** @description W3C trace context of the caller's trace, continued when tracing is on */
+                tracestate?: components["parameters"]["tracestate"];
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PaymentEventIn"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    "X-Request-ID": components["headers"]["X-Request-ID"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PaymentResult"];
+                };
+            };
+            /** @description invalid-signature: no, malformed or wrong Payment-Signature, or t more than 300 s from now */
+            401: {
+                headers: {
+                    /** @description Payment-Signature */
+                    "WWW-Authenticate": string;
                     "X-Request-ID": components["headers"]["X-Request-ID"];
                     [name: string]: unknown;
                 };
