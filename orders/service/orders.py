@@ -34,7 +34,7 @@ from orders.errors import (
     Unavailable,
     ValidationFailed,
 )
-from orders.notify.outbox import audit_row, email_row
+from orders.notify.outbox import audit_row, email_row, event_row
 from orders.ratelimit import RateLimiter
 from orders.schemas import OrderCreate
 from orders.service.unit_of_work import UnitOfWork
@@ -195,6 +195,7 @@ async def _place(
         outbox=[
             email_row(order, "created", request_id),
             audit_row("order.created", caller.customer_id, None, after, request_id),
+            *([event_row(order)] if uow.events else []),
         ],
         idempotency_key=key,
         request_hash=fingerprint,
@@ -235,9 +236,12 @@ async def change_status(
     target: OrderStatus,
     if_match: frozenset[int] | None,
     request_id: str | None,
+    *,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """Move an order to `target` (cancel included): 404, 412, 409 or the new order.
-    `if_match`: the versions the client accepts (None: any)."""
+    `if_match`: the versions the client accepts (None: any); `reason`: why an order is
+    cancelled, for its order event (None: "staff" or "customer", by the caller)."""
     async with uow.transaction() as conn:
         row = await uow.orders.get_for_update(conn, order_id)
         if row is None or not caller.can_see(row["customer_id"]):
@@ -256,9 +260,14 @@ async def change_status(
         doc = order_doc(row)
         doc["status"] = target.value
         doc["version"] = row["version"] + 1
+        doc["updated_at"] = rfc3339(row["now"])  # what CHANGE_SQL writes
         outbox_rows = [audit_row(event_type(target), actor, before, after, request_id)]
         if target in NOTIFYING:
             outbox_rows.append(email_row(doc, target.value, request_id))
+        if uow.events:
+            if target is OrderStatus.CANCELLED and reason is None:
+                reason = "staff" if caller.is_admin else "customer"
+            outbox_rows.append(event_row(doc, reason))
         result = await uow.orders.change_status(
             conn,
             order_id,

@@ -37,8 +37,12 @@ class UnitOfWork:
     outbox = outbox
     products = products
 
-    def __init__(self, pool: asyncpg.Pool, cache: Cache, relay: Relay, acquire_timeout_s: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, cache: Cache, relay: Relay, acquire_timeout_s: float, *, events: bool = False
+    ) -> None:
         self.pool = pool
+        # Order events on (ORDERS_NATS_URL): the use cases add their outbox rows.
+        self.events = events
         self.cache = cache
         self.relay = relay
         self.timeout = acquire_timeout_s

@@ -119,10 +119,12 @@ class FakeOrders:
             "reserved_versions": [products[sku]["version"] for sku, *_ in terms],
         }
 
-    async def get_for_update(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
+    async def get(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
         return self.rows.get(order_id)
 
-    get = get_for_update
+    async def get_for_update(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
+        row = self.rows.get(order_id)
+        return None if row is None else {**row, "now": NOW}
 
     async def owner(self, conn: Any, order_id: UUID) -> str | None:
         row = self.rows.get(order_id)
