@@ -36,7 +36,8 @@ class EventsUnavailable(Exception):
 class EventPublisher:
     def __init__(self, settings: Settings) -> None:
         assert settings.nats_url
-        self.url = settings.nats_url
+        # Comma-separated: the servers of one cluster (the client fails over between them).
+        self.servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
         self.stream = settings.nats_stream
         self.connect_timeout_s = settings.nats_connect_timeout_s
         self.publish_timeout_s = settings.nats_publish_timeout_s
@@ -63,7 +64,7 @@ class EventPublisher:
             try:
                 nc = await asyncio.wait_for(
                     nats.connect(
-                        self.url,
+                        self.servers,
                         name="orders",
                         connect_timeout=self.connect_timeout_s,
                         allow_reconnect=True,
