@@ -226,3 +226,31 @@ async def test_sigkill_after_201_with_nats_down_the_next_process_publishes(
         messages = await published(nats_server.url, 1, timeout=30)
     assert [(m["msg_id"], m["subject"]) for m in messages] == [(f"{oid}.1", "orders.order.created")]
     assert messages[0]["event"]["data"] == r.json()
+
+
+async def test_publishing_an_event_publishes_the_order_events_its_fast_path_had_to_leave(
+    events_settings, nats_server, isolated_pool
+):
+    # The fast path of a change finds the previous event of its order still pending and
+    # leaves its own row; once that one is published, the relay takes the next at once
+    # rather than waiting for the row to come due.
+    nats_server.stop()
+    async with running_app(events_settings(relay_interval_s=60)) as client:
+        res = client.app.state.res  # type: ignore[attr-defined]
+        sku = await make_product(client)
+        oid = (await place(client, "cust-ev-next", (sku, 1))).json()["id"]
+        await set_status(client, oid, "paid")
+        await set_status(client, oid, "shipped")
+        await asyncio.sleep(0.3)  # the fast paths ran (and failed, or left their rows)
+        async with isolated_pool.acquire() as conn:
+            ids = await conn.fetchval(
+                "WITH u AS (UPDATE outbox SET next_attempt_at = now() + interval '1 hour', claimed_until = NULL"
+                " WHERE kind = 'event' AND order_id = $1 RETURNING id) SELECT array_agg(id ORDER BY id) FROM u",
+                uuid.UUID(oid),
+            )
+        assert len(ids) == 3
+        nats_server.start()
+        await wait_for(lambda: res.events.connected, timeout=15)
+        res.relay.dispatch(ids[:1])  # the first event only: none of them is due
+        messages = await published(nats_server.url, 3, timeout=15)
+    assert [m["msg_id"] for m in messages] == [f"{oid}.1", f"{oid}.2", f"{oid}.3"]
