@@ -121,6 +121,14 @@ async def test_every_change_is_a_cloudevent_with_its_id_as_nats_msg_id(events_se
     assert await pending_events(isolated_pool) == 0
 
 
+def test_the_service_says_at_start_that_events_are_off_without_nats_url(base_env, isolated_db, tmp_path):
+    with ServerProcess({**base_env, "ORDERS_DATABASE_URL": isolated_db}, tmp_path) as server:
+        pass
+    assert [line["detail"] for line in server.logs() if line.get("event") == "events_off"] == [
+        "ORDERS_NATS_URL is not set: no order events are published"
+    ]
+
+
 async def test_events_off_without_nats_url(make_settings, isolated_db, isolated_pool):
     async with running_app(make_settings(database_url=isolated_db)) as client:
         sku = await make_product(client)
