@@ -1,7 +1,8 @@
 """`orders dev` (what `make run` calls): the service with embedded PostgreSQL, Redis, NATS
 (JetStream) and an SMTP sink under `.dev/` (unless ORDERS_DATABASE_URL / ORDERS_REDIS_URL /
-ORDERS_NATS_URL / ORDERS_SMTP_HOST name other servers), migrated, with a demo catalog, on 127.0.0.1 unless ORDERS_HOST says
-otherwise; it prints a demo customer token and an admin token. Ctrl-C stops all of it.
+ORDERS_NATS_URL / ORDERS_SMTP_HOST name other servers), migrated, with a demo catalog, on
+127.0.0.1 unless ORDERS_HOST says otherwise; it prints a demo customer token and an admin
+token. Ctrl-C stops all of it.
 
 ORDERS_DEV_DIR (default `.dev`), ORDERS_DEV_PG_PORT (55432), ORDERS_DEV_REDIS_PORT (56379)
 and ORDERS_DEV_NATS_PORT (54222) move the embedded servers.

@@ -13,7 +13,6 @@ import contextlib
 import time
 
 import nats
-import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
