@@ -21,6 +21,10 @@ Needs ORDERS_DATABASE_URL.
    200 is cancelled.
 4. Each customer's count of pending orders (customer_pending, for the pending cap) is the
    number of their orders that are pending.
+5. With ORDERS_NATS_URL set (the service publishes order events): once the outbox has
+   published them, every order of the run has in the stream (ORDERS_NATS_STREAM) exactly one
+   event per version, 1 to its current one, in that order, the last one showing its current
+   status: one `order.created` each, one `order.paid` per paid order, none lost, none twice.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ import sys
 from typing import Any
 
 import asyncpg
+import nats
+import nats.js.errors
+
+# How long the invariant check waits for the outbox to publish the run's last events.
+EVENTS_DRAIN_S = 60.0
 
 
 async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
@@ -40,12 +49,9 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot for all checks
-            orders = {
-                str(r["id"]): (r["customer_id"], r["status"])
-                for r in await conn.fetch(
-                    "SELECT id, customer_id, status FROM orders WHERE customer_id LIKE $1", prefix
-                )
-            }
+            rows = await conn.fetch("SELECT id, customer_id, status, version FROM orders WHERE customer_id LIKE $1", prefix)
+            orders = {str(r["id"]): (r["customer_id"], r["status"]) for r in rows}
+            versions = {str(r["id"]): r["version"] for r in rows}
             keys = await conn.fetch(
                 "SELECT customer_id, key, order_id, status_code FROM idempotency_keys WHERE customer_id LIKE $1", prefix
             )
@@ -127,9 +133,16 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
             + ", ".join(f"{c}: {counted.get(c, 0)} counted, {pending.get(c, 0)} orders" for c in wrong[:3])
         )
 
+    # 5. order events
+    nats_url = os.environ.get("ORDERS_NATS_URL")
+    events_checked = None
+    if nats_url:
+        events_checked = await _check_events(dsn, prefix, nats_url, orders, versions, violations)
+
     return {
         "violations": violations,
         "checked": {
+            "events": events_checked,
             "orders_in_db": len(orders),
             "orders_acknowledged": len(ledger["created"]),
             "keys_sent": len(sent),
@@ -140,6 +153,59 @@ async def check(dsn: str, ledger: dict[str, Any]) -> dict[str, Any]:
             "stock": {r["sku"]: {"stock": r["stock"], "reserved": r["reserved"]} for r in stock},
         },
     }
+
+
+async def _check_events(
+    dsn: str,
+    prefix: str,
+    nats_url: str,
+    orders: dict[str, tuple[str, str]],
+    versions: dict[str, int],
+    violations: list[str],
+) -> int:
+    """Invariant 5; returns how many events of the run's orders the stream holds."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        sql = """SELECT count(*) FROM outbox x JOIN orders o ON o.id = x.order_id
+                  WHERE x.kind = 'event' AND x.status = 'pending' AND o.customer_id LIKE $1"""
+        for _ in range(int(EVENTS_DRAIN_S / 0.5)):  # polled: the service's relay publishes them
+            left = await conn.fetchval(sql, prefix)
+            if not left:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+    if left:
+        violations.append(f"{left} order event(s) of the run still unpublished after {EVENTS_DRAIN_S:.0f} s")
+    stream = os.environ.get("ORDERS_NATS_STREAM", "ORDERS")
+    seen: dict[str, list[tuple[int, str, str]]] = {}  # order id: (version, type, status) in stream order
+    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+    try:
+        js = nc.jetstream(timeout=10)
+        try:
+            last = (await js.stream_info(stream)).state.last_seq
+        except nats.js.errors.NotFoundError:
+            last = 0
+        if last:
+            sub = await js.subscribe("orders.>", stream=stream, ordered_consumer=True)
+            while True:
+                msg = await sub.next_msg(timeout=10)
+                event = json.loads(msg.data)
+                if event.get("subject") in orders:
+                    data = event["data"]
+                    seen.setdefault(event["subject"], []).append((data["version"], event["type"], data["status"]))
+                if msg.metadata.sequence.stream >= last:
+                    break
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
+    for oid, (_, status) in orders.items():
+        got = seen.get(oid, [])
+        if [v for v, _, _ in got] != list(range(1, versions[oid] + 1)):
+            violations.append(f"order {oid} at version {versions[oid]}: events of versions {[v for v, _, _ in got]}")
+        elif got[-1][2] != status:
+            violations.append(f"order {oid} is {status}, its last event ({got[-1][1]}) says {got[-1][2]}")
+    return sum(len(v) for v in seen.values())
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 
 Asserts only what must hold under load: every request answered as the contract says
 (expected 409s are successes in the locustfile) and the invariants of the run (checked
-by the locustfile in PostgreSQL: one order per key, stock conserved, every 201 stored).
+by the locustfile in PostgreSQL: one order per key, stock conserved, every 201 stored; and
+every order's events in NATS JetStream, once each, in version order).
 Never timings.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from orders.dev.nats import EmbeddedNats
 from tests.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,9 +28,11 @@ LOCUST = Path(sys.executable).with_name("locust")
 @pytest.mark.slow
 def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ORDERS_", "LOAD_"))}
-    server = ServerProcess(base_env, tmp_path)
-    env = {**clean, **base_env}
-    with server:
+    nats_server = EmbeddedNats(tmp_path)
+    # Order events on: the invariants include every order's events in the stream.
+    env = {**clean, **base_env, "ORDERS_NATS_URL": nats_server.start()}
+    server = ServerProcess(env, tmp_path)
+    with server, nats_server:
         assert server.proc is not None
         url = server.url
         summary_path = tmp_path / "summary.json"
@@ -77,5 +81,6 @@ def test_short_checkout_load_keeps_the_invariants(base_env, tmp_path):
         assert int(total["Failure Count"]) == 0, report
         assert summary["outcomes"].get("201 created", 0) > 0, report
         assert summary["invariants"]["checked"]["orders_acknowledged"] > 0, report
+        assert summary["invariants"]["checked"]["events"] >= summary["invariants"]["checked"]["orders_in_db"], report
         assert run.returncode == 0, report
     assert server.proc.returncode == 0  # and the server stopped gracefully after the run
