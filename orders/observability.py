@@ -70,9 +70,19 @@ NOTIFICATIONS_FAILED_ROWS = Gauge(
     ["kind"],
     multiprocess_mode="livemostrecent",
 )
+EVENTS_UNPUBLISHED = Gauge(
+    "orders_events_unpublished",
+    "Order events written to the outbox and not yet acknowledged by JetStream",
+    multiprocess_mode="livemostrecent",
+)
+EVENTS_OLDEST_UNPUBLISHED = Gauge(
+    "orders_events_oldest_unpublished_seconds",
+    "Age of the oldest order event not yet acknowledged by JetStream",
+    multiprocess_mode="livemostrecent",
+)
 # From 0 in every process: increase() misses the first failure of a series that appears at 1,
 # and the OrdersNotificationsFailed alert (k8s/monitoring/prometheusrule.yaml) counts each one.
-for _kind in ("email", "audit"):
+for _kind in ("email", "audit", "event"):
     NOTIFICATIONS_SENT.labels(_kind)
     for _final in ("true", "false"):
         NOTIFICATIONS_FAILED.labels(_kind, _final)

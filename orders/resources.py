@@ -1,6 +1,6 @@
 """The long-lived resources of one process, owned by the ASGI lifespan.
 
-Opened in order (pool, cache, mailer, relay) and closed in reverse. Nothing here is
+Opened in order (pool, cache, mailer, NATS publisher, relay) and closed in reverse. Nothing here is
 created at import time; the app reaches them through `request.state` (see deps.py).
 """
 
@@ -23,6 +23,7 @@ from orders.db.migrate import migrate
 from orders.db.pool import CONNECTION_ERRORS, create_pool
 from orders.invalidation_log import InvalidationLog
 from orders.notify.email import Mailer
+from orders.notify.events import EventPublisher, publisher
 from orders.notify.relay import Relay
 from orders.ratelimit import RateLimiter
 from orders.service.expiry import Expiry
@@ -42,6 +43,7 @@ class Resources:
     relay: Relay
     limiter: RateLimiter
     verifier: TokenVerifier
+    events: EventPublisher | None = None  # None: order events off (no ORDERS_NATS_URL)
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     # When SIGTERM arrived (time.monotonic()): the shutdown grace counts from there.
     sigterm_at: float | None = None
@@ -50,7 +52,12 @@ class Resources:
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(
-            self.pool, self.cache, self.relay, self.settings.db_acquire_timeout_s, price_list=self.price_list
+            self.pool,
+            self.cache,
+            self.relay,
+            self.settings.db_acquire_timeout_s,
+            price_list=self.price_list,
+            events=self.settings.events_on,
         )
 
     def start_draining(self) -> None:
@@ -120,7 +127,12 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         pool = await _connect_pool(settings)
     cache = Cache.connect(settings, InvalidationLog(pool, settings.db_acquire_timeout_s))
     mailer = Mailer(settings)
-    relay = Relay(pool, mailer, settings, replay_invalidations=cache.replay_invalidations)
+    events = publisher(settings)
+    if events is not None:
+        events.start()  # connects in the background: NATS down must not stop start-up
+    elif not settings.dev:
+        log.warning("events_off", detail="ORDERS_NATS_URL is not set: no order events are published")
+    relay = Relay(pool, mailer, settings, replay_invalidations=cache.replay_invalidations, events=events)
     res = Resources(
         settings=settings,
         pool=pool,
@@ -129,6 +141,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         relay=relay,
         limiter=RateLimiter(cache, settings.rate_limit_per_minute),
         verifier=verifier,
+        events=events,
     )
     relay.start()
     expiry = Expiry(res.unit_of_work, settings.payment_timeout_s)
@@ -143,6 +156,8 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         # ORDERS_SHUTDOWN_GRACE_S counts from SIGTERM: uvicorn's drain used part of it.
         assert res.sigterm_at is not None
         await relay.stop(res.sigterm_at + settings.shutdown_grace_s)
+        if events is not None:
+            await events.close()
         await mailer.close()
         await cache.close()
         try:

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     relay_concurrency: int = Field(16, ge=1, le=64)
     # Outbox rows queued for the fast path at most; past it they wait for the relay.
     notify_queue_max: int = Field(1000, ge=1)
+    # Order events on NATS JetStream (docs/API.md, "Order events"); None: events off.
+    nats_url: str | None = None
+    nats_stream: str = Field("ORDERS", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    nats_connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    # The wait for JetStream's ack of one event; unacked, the row is retried (Nats-Msg-Id dedups).
+    nats_publish_timeout_s: float = Field(5.0, gt=0, le=60)
     idempotency_retention_h: int = Field(48, ge=24)
     outbox_retention_h: int = Field(168, ge=1)
 
@@ -135,6 +141,11 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def events_on(self) -> bool:
+        """Order events are written and published only with a NATS URL (an empty one: off)."""
+        return bool(self.nats_url)
 
     @property
     def dsn(self) -> str:

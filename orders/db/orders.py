@@ -133,8 +133,10 @@ async def get(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None
 
 
 async def get_for_update(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
+    """The order, locked, and `now`: the transaction's timestamp, which CHANGE_SQL writes as
+    its updated_at (so that the order event built before it carries the same)."""
     return await conn.fetchrow(
-        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o WHERE o.id = $1 FOR UPDATE OF o",
+        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY}, now() AS now FROM orders o WHERE o.id = $1 FOR UPDATE OF o",
         order_id,
     )
 

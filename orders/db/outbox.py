@@ -17,10 +17,34 @@ ROW = "id, order_id, kind, topic, payload, attempts, trace_context"
 # request that wrote it (its BackgroundTask dispatches it at once).
 FAST_PATH_HEAD_START_S = 5.0
 
+# Order events (kind 'event') are claimed only by a relay that publishes them ($EVENTS),
+# and only while no older event row of the same order is pending (outbox_event_pending_idx):
+# the events of an order reach the stream in version order, whichever path claims first
+# (the fast path of a later change may try its row while the previous one is still out).
+EVENT_GUARD = """
+   AND (kind <> 'event' OR ($EVENTS AND NOT EXISTS (
+        SELECT 1 FROM outbox older
+         WHERE older.kind = 'event' AND older.status = 'pending'
+           AND older.order_id = outbox.order_id AND older.id < outbox.id)))
+"""
+
 CLAIM_IDS_SQL = f"""
 UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), attempts = attempts + 1
  WHERE id = ANY($1::bigint[]) AND status = 'pending'
    AND (claimed_until IS NULL OR claimed_until < now())
+   {EVENT_GUARD.replace("$EVENTS", "$3::bool")}
+RETURNING {ROW}
+"""
+
+# The next event row of each of these orders, once the previous one is published: due or
+# not (its fast path may have found the previous one still pending and left it).
+CLAIM_NEXT_EVENTS_SQL = f"""
+UPDATE outbox SET claimed_until = now() + make_interval(secs => $2), attempts = attempts + 1
+ WHERE id = ANY(ARRAY(
+        SELECT min(id) FROM outbox
+         WHERE kind = 'event' AND status = 'pending' AND order_id = ANY($1::uuid[])
+         GROUP BY order_id))
+   AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < now())
 RETURNING {ROW}
 """
 
@@ -29,6 +53,7 @@ WITH due AS (
     SELECT id FROM outbox
      WHERE status = 'pending' AND next_attempt_at <= now() + make_interval(secs => $3)
        AND (claimed_until IS NULL OR claimed_until < now())
+       {EVENT_GUARD.replace("$EVENTS", "$4::bool")}
      ORDER BY next_attempt_at
      LIMIT $1
        FOR UPDATE SKIP LOCKED
@@ -66,6 +91,12 @@ SELECT id, order_id, payload->>'actor', payload->>'action', payload->'before', p
 ON CONFLICT (outbox_id) DO NOTHING
 """
 
+# Published order events: nothing else to record (the stream holds them).
+EVENT_SENT_SQL = """
+UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
+ WHERE id = ANY($1::bigint[]) AND status = 'pending'
+"""
+
 # Batched: one row of ($1 id, $2 error, $3 delay, $4 give up) per failed row.
 RETRY_SQL = """
 UPDATE outbox o
@@ -77,19 +108,32 @@ UPDATE outbox o
 """
 
 
-async def claim_ids(conn: asyncpg.Connection, ids: list[int], lease_s: float) -> list[asyncpg.Record]:
-    return await conn.fetch(CLAIM_IDS_SQL, ids, lease_s)
+async def claim_ids(
+    conn: asyncpg.Connection, ids: list[int], lease_s: float, events: bool = False
+) -> list[asyncpg.Record]:
+    """These rows, unless claimed meanwhile; `events`: this relay publishes order events."""
+    return await conn.fetch(CLAIM_IDS_SQL, ids, lease_s, events)
 
 
-async def claim_due(conn: asyncpg.Connection, limit: int, lease_s: float, ahead_s: float = 0.0) -> list[asyncpg.Record]:
+async def claim_due(
+    conn: asyncpg.Connection, limit: int, lease_s: float, ahead_s: float = 0.0, events: bool = False
+) -> list[asyncpg.Record]:
     """Due rows (or due within `ahead_s`, for the flush at shutdown), oldest first, and
     delivered in the order they were written."""
-    return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s, ahead_s)
+    return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s, ahead_s, events)
+
+
+async def claim_next_events(conn: asyncpg.Connection, order_ids: list[UUID], lease_s: float) -> list[asyncpg.Record]:
+    """The oldest pending event row of each order (the next to publish), unless leased."""
+    return await conn.fetch(CLAIM_NEXT_EVENTS_SQL, order_ids, lease_s)
+
+
+SENT_SQL = {"email": EMAIL_SENT_SQL, "audit": AUDIT_SENT_SQL, "event": EVENT_SENT_SQL}
 
 
 async def mark_sent(conn: asyncpg.Connection, row_ids: list[int], kind: str) -> None:
     """Rows delivered: `sent`, plus their side effect (a timeline event, an audit entry)."""
-    await conn.execute(EMAIL_SENT_SQL if kind == "email" else AUDIT_SENT_SQL, row_ids)
+    await conn.execute(SENT_SQL[kind], row_ids)
 
 
 async def mark_retry(
@@ -101,13 +145,17 @@ async def mark_retry(
 
 async def stats(conn: asyncpg.Connection) -> asyncpg.Record:
     """Pending rows, the lag of the oldest due one and the age of the oldest one (through
-    outbox_pending_idx), and the `failed` rows by kind (through outbox_failed_idx)."""
+    outbox_pending_idx), the same for order events (unpublished), and the `failed` rows by
+    kind (through outbox_failed_idx)."""
     row = await conn.fetchrow(
         """
         SELECT count(*) AS pending,
                coalesce(extract(epoch FROM now() - min(next_attempt_at)
                         FILTER (WHERE next_attempt_at <= now())), 0)::float8 AS lag_s,
                coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_s,
+               count(*) FILTER (WHERE kind = 'event') AS events,
+               coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE kind = 'event')), 0)::float8
+                   AS events_oldest_s,
                (SELECT coalesce(jsonb_object_agg(kind, n), '{}')
                   FROM (SELECT kind, count(*) AS n FROM outbox WHERE status = 'failed' GROUP BY kind) f) AS failed
           FROM outbox WHERE status = 'pending'

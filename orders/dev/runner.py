@@ -1,10 +1,11 @@
-"""`orders dev` (what `make run` calls): the service with embedded PostgreSQL, Redis and an
-SMTP sink under `.dev/` (unless ORDERS_DATABASE_URL / ORDERS_REDIS_URL / ORDERS_SMTP_HOST
-name other servers), migrated, with a demo catalog, on 127.0.0.1 unless ORDERS_HOST says
-otherwise; it prints a demo customer token and an admin token. Ctrl-C stops all of it.
+"""`orders dev` (what `make run` calls): the service with embedded PostgreSQL, Redis, NATS
+(JetStream) and an SMTP sink under `.dev/` (unless ORDERS_DATABASE_URL / ORDERS_REDIS_URL /
+ORDERS_NATS_URL / ORDERS_SMTP_HOST name other servers), migrated, with a demo catalog, on
+127.0.0.1 unless ORDERS_HOST says otherwise; it prints a demo customer token and an admin
+token. Ctrl-C stops all of it.
 
-ORDERS_DEV_DIR (default `.dev`), ORDERS_DEV_PG_PORT (55432) and ORDERS_DEV_REDIS_PORT
-(56379) move the embedded servers.
+ORDERS_DEV_DIR (default `.dev`), ORDERS_DEV_PG_PORT (55432), ORDERS_DEV_REDIS_PORT (56379)
+and ORDERS_DEV_NATS_PORT (54222) move the embedded servers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncpg
 from orders.auth import mint
 from orders.cli import serve
 from orders.db.migrate import migrate
+from orders.dev.nats import EmbeddedNats
 from orders.dev.postgres import EmbeddedPostgres
 from orders.dev.process import Startable, free_port, port_free
 from orders.dev.redis import EmbeddedRedis
@@ -71,6 +73,10 @@ def run(port: int | None) -> int:
             redis = EmbeddedRedis(root, port=int(os.environ.get("ORDERS_DEV_REDIS_PORT", "56379")))
             os.environ["ORDERS_REDIS_URL"] = redis.start()
             stack.append(redis)
+        if not os.environ.get("ORDERS_NATS_URL"):
+            nats_server = EmbeddedNats(root, port=int(os.environ.get("ORDERS_DEV_NATS_PORT", "54222")))
+            os.environ["ORDERS_NATS_URL"] = nats_server.start()
+            stack.append(nats_server)
         if not os.environ.get("ORDERS_SMTP_HOST"):
             sink = SmtpSink(root, port=1025 if port_free(1025) else free_port())
             host, smtp_port = sink.start()
@@ -92,6 +98,7 @@ def run(port: int | None) -> int:
         )
         print("\norders dev: embedded servers under", root)
         print(f"  PostgreSQL {settings.dsn}\n  Redis      {settings.redis_url}")
+        print(f"  NATS       {settings.nats_url} (order events on stream {settings.nats_stream})")
         print(f"  SMTP sink  {settings.smtp_host}:{settings.smtp_port} (mail saved in {root / 'mail'})")
         print(f"  API        http://{api_host}:{settings.port}/docs (listening on {settings.host})")
         print(f"\n  customer token (sub=demo-customer):\n    {mint(settings, 'demo-customer', ttl_s=86400)}")

@@ -37,6 +37,7 @@ from typing import Any
 
 import aiosmtplib
 import asyncpg
+import orjson
 import structlog
 
 from orders import tracing
@@ -44,7 +45,10 @@ from orders.db import idempotency, outbox
 from orders.db.outbox import FAST_PATH_HEAD_START_S
 from orders.db.pool import connection
 from orders.notify.email import Mailer, render
+from orders.notify.events import EventPublisher
 from orders.observability import (
+    EVENTS_OLDEST_UNPUBLISHED,
+    EVENTS_UNPUBLISHED,
     NOTIFICATIONS_FAILED,
     NOTIFICATIONS_FAILED_ROWS,
     NOTIFICATIONS_OLDEST_PENDING,
@@ -106,9 +110,12 @@ class Relay:
         mailer: Mailer,
         settings: Settings,
         replay_invalidations: Callable[[], Awaitable[None]] | None = None,
+        events: EventPublisher | None = None,
     ) -> None:
         self.pool = pool
         self.mailer = mailer
+        # None: this relay leaves order events alone (the claims skip them).
+        self.events = events
         self.settings = settings
         self.replay_invalidations = replay_invalidations
         self._queue: deque[int] = deque()
@@ -163,7 +170,7 @@ class Relay:
     async def _deliver_ids(self, ids: list[int]) -> None:
         try:
             async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
-                rows = await outbox.claim_ids(conn, ids, self.settings.relay_lease_s)
+                rows = await outbox.claim_ids(conn, ids, self.settings.relay_lease_s, self.events is not None)
         except Exception as exc:
             log.warning("notify_claim_failed", error=type(exc).__name__, rows=len(ids))
             return
@@ -177,11 +184,55 @@ class Relay:
             return 0
         audits = [r for r in rows if r["kind"] == "audit"]
         emails = [r for r in rows if r["kind"] == "email"]
+        events = [r for r in rows if r["kind"] == "event"]
         delivered = 0
         if audits:
             delivered += await self._deliver_audits(audits)
+        if events:
+            delivered += await self._deliver_events(events)
         if emails:
             delivered += await self._deliver_emails(emails)
+        return delivered
+
+    async def _deliver_events(self, rows: list[asyncpg.Record]) -> int:
+        """Publish claimed order events (at most one per order: the claim's guard), then
+        the next event of each order they were published for, until none is left: a later
+        change whose fast path found its predecessor still out is not left to the relay's
+        next pass. Any failure is transient: NATS down, no ack in time."""
+        publisher = self.events
+        assert publisher is not None
+        delivered = 0
+        while rows:
+
+            async def publish(row: asyncpg.Record) -> None:
+                with tracing.delivery_span("nats publish", row["trace_context"], _span_attributes(row)):
+                    p = row["payload"]
+                    await publisher.publish(row["topic"], p["id"], orjson.dumps(p))
+
+            results = await asyncio.gather(*(publish(r) for r in rows), return_exceptions=True)
+            sent = [r for r, res in zip(rows, results, strict=True) if res is None]
+            await self._failed(
+                [(r, res, True) for r, res in zip(rows, results, strict=True) if isinstance(res, BaseException)]
+            )
+            if not sent:
+                break
+            try:
+                await self._mark_sent([r["id"] for r in sent], "event")
+            except Exception as exc:  # published but not recorded: re-published, and dropped by Nats-Msg-Id
+                log.warning("notify_mark_sent_failed", error=type(exc).__name__, rows=len(sent))
+                break
+            NOTIFICATIONS_SENT.labels("event").inc(len(sent))
+            delivered += len(sent)
+            if self._stopping.is_set():
+                break
+            try:
+                async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
+                    rows = await outbox.claim_next_events(
+                        conn, [r["order_id"] for r in sent], self.settings.relay_lease_s
+                    )
+            except Exception as exc:  # the relay's pass finds them
+                log.warning("notify_claim_failed", error=type(exc).__name__, rows=len(sent))
+                break
         return delivered
 
     async def _deliver_audits(self, rows: list[asyncpg.Record]) -> int:
@@ -307,7 +358,9 @@ class Relay:
     async def run_once(self, *, ahead_s: float = 0.0) -> tuple[int, int]:
         """One pass: deliver a batch of due rows; returns (claimed, delivered)."""
         async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
-            rows = await outbox.claim_due(conn, self.settings.relay_batch, self.settings.relay_lease_s, ahead_s)
+            rows = await outbox.claim_due(
+                conn, self.settings.relay_batch, self.settings.relay_lease_s, ahead_s, self.events is not None
+            )
         delivered = await self._deliver_all(rows)
         if self.replay_invalidations is not None:
             await self.replay_invalidations()
@@ -323,7 +376,9 @@ class Relay:
                 NOTIFICATIONS_PENDING.set(stats["pending"])
                 RELAY_LAG.set(stats["lag_s"])
                 NOTIFICATIONS_OLDEST_PENDING.set(stats["oldest_s"])
-                for kind in ("email", "audit"):
+                EVENTS_UNPUBLISHED.set(stats["events"])
+                EVENTS_OLDEST_UNPUBLISHED.set(stats["events_oldest_s"])
+                for kind in ("email", "audit", "event"):
                     NOTIFICATIONS_FAILED_ROWS.labels(kind).set(stats["failed"].get(kind, 0))
                 await self.purge_expired()
             except Exception as exc:

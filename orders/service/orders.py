@@ -35,7 +35,7 @@ from orders.errors import (
     UnknownSku,
     ValidationFailed,
 )
-from orders.notify.outbox import audit_row, email_row
+from orders.notify.outbox import audit_row, email_row, event_row
 from orders.ratelimit import RateLimiter
 from orders.schemas import OrderCreate
 from orders.service.price_list import Terms
@@ -219,6 +219,7 @@ async def _place(
             "outbox": [
                 email_row(order, "created", request_id),
                 audit_row("order.created", caller.customer_id, None, after, request_id),
+                *([event_row(order)] if uow.events else []),
             ],
             "response_body": body,
         }
@@ -341,9 +342,12 @@ async def apply_change(
     doc = order_doc(row)
     doc["status"] = target.value
     doc["version"] = row["version"] + 1
+    doc["updated_at"] = rfc3339(row["now"])  # what CHANGE_SQL writes: the transaction's now()
     outbox_rows = [audit_row(event_type(target), actor, before, after, request_id)]
     if target in NOTIFYING:
         outbox_rows.append(email_row(doc, target.value, request_id))
+    if uow.events:
+        outbox_rows.append(event_row(doc, reason))
     result = await uow.orders.change_status(
         conn,
         order_id,
@@ -354,7 +358,6 @@ async def apply_change(
         release_stock=target is OrderStatus.CANCELLED,
         outbox=outbox_rows,
     )
-    doc["updated_at"] = rfc3339(result["updated_at"])
     structlog.contextvars.bind_contextvars(order_id=str(order_id))
     uow.cache_write(order_key(uow.cache.prefix, order_id), doc["version"], doc)
     for sku, version in result["released"] or []:

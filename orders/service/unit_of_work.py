@@ -48,8 +48,12 @@ class UnitOfWork:
         relay: Relay,
         acquire_timeout_s: float,
         price_list: PriceList | None = None,
+        *,
+        events: bool = False,
     ) -> None:
         self.pool = pool
+        # Order events on (ORDERS_NATS_URL): the use cases add their outbox rows.
+        self.events = events
         self.cache = cache
         self.relay = relay
         self.timeout = acquire_timeout_s

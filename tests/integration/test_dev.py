@@ -3,6 +3,7 @@ with the servers and the address named by ORDERS_* variables."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import nats
+import nats.js.errors
 import orjson
 import pytest
 
@@ -52,9 +55,23 @@ def orders_dev(tmp_path: Path, http_port: int, host: str = "127.0.0.1", **env: s
             proc.wait()
 
 
+async def _stream_subjects(url: str) -> list[str]:
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        js = nc.jetstream(timeout=2)
+        try:
+            info = await js.stream_info("ORDERS")
+        except nats.js.errors.NotFoundError:  # made at the first publish
+            return []
+        return [(await js.get_msg("ORDERS", seq)).subject for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+    finally:
+        await nc.close()
+
+
 def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
-    http_port, pg_port, redis_port = free_port(), free_port(), free_port()
-    with orders_dev(tmp_path, http_port, ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port)) as proc:
+    http_port, pg_port, redis_port, nats_port = free_port(), free_port(), free_port(), free_port()
+    with orders_dev(tmp_path, http_port, ORDERS_DEV_PG_PORT=str(pg_port), ORDERS_DEV_REDIS_PORT=str(redis_port),
+                    ORDERS_DEV_NATS_PORT=str(nats_port)) as proc:
         output = (tmp_path / "dev.log").read_text()
         catalog = httpx.get(f"http://127.0.0.1:{http_port}/v1/products?limit=100").json()
         assert {"MUG-001", "TSHIRT-M", "TOTE-BAG"} <= {p["sku"] for p in catalog["items"]}
@@ -74,12 +91,18 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
         paid = httpx.post(f"http://127.0.0.1:{http_port}/v1/payments/events", content=body,
                           headers={"Payment-Signature": signature.header(secret, int(time.time()), body)})
         assert paid.status_code == 200 and paid.json() == {"outcome": "paid"}, paid.text
-        assert listening(pg_port) and listening(redis_port)
+        assert listening(pg_port) and listening(redis_port) and listening(nats_port)
+        # Order events are on in dev: the embedded NATS (JetStream) has the order's.
+        deadline = time.monotonic() + 20
+        while len(subjects := asyncio.run(_stream_subjects(f"nats://127.0.0.1:{nats_port}"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert subjects == ["orders.order.created", "orders.order.paid"]
         # It prints working tokens: loopback only (a wildcard bind would answer on 127.0.0.2 too).
         assert not listening(http_port, "127.0.0.2")
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)
         assert not listening(http_port) and not listening(pg_port) and not listening(redis_port)
+        assert not listening(nats_port)
         assert "Traceback" not in (tmp_path / "dev.log").read_text()
 
 

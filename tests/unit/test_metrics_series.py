@@ -15,7 +15,7 @@ def test_notification_counters_are_exposed_at_zero_before_any_delivery():
         [sys.executable, "-c", "import sys, orders.observability as o; sys.stdout.write(o.metrics_text().decode())"],
         env=env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout
-    for kind in ("email", "audit"):
+    for kind in ("email", "audit", "event"):
         assert f'orders_notifications_sent_total{{kind="{kind}"}} 0.0' in out, out
         for final in ("true", "false"):
             assert f'orders_notifications_failed_total{{final="{final}",kind="{kind}"}} 0.0' in out, out

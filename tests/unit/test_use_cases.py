@@ -70,10 +70,12 @@ class FakeOrders:
         self.idempotency = idempotency
         self.rows: dict[UUID, dict[str, Any]] = {}
         self.next_outbox_id = 1
+        self.outbox_rows: list[Any] = []  # (kind, topic, payload), as written
         self.before_reservation: Callable[[], None] | None = None  # staff acting meanwhile
         self.calls: list[str] = []  # the outcome of each call
 
     def _outbox_ids(self, rows: list[Any]) -> list[int]:
+        self.outbox_rows += rows
         ids = list(range(self.next_outbox_id, self.next_outbox_id + len(rows)))
         self.next_outbox_id += len(rows)
         return ids
@@ -130,10 +132,12 @@ class FakeOrders:
             "versions": [products[sku]["version"] for sku, *_ in terms],
         }
 
-    async def get_for_update(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
+    async def get(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
         return self.rows.get(order_id)
 
-    get = get_for_update
+    async def get_for_update(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
+        row = self.rows.get(order_id)
+        return None if row is None else {**row, "now": NOW}
 
     async def owner(self, conn: Any, order_id: UUID) -> str | None:
         row = self.rows.get(order_id)
@@ -396,3 +400,31 @@ async def test_a_product_written_is_cached_after_its_commit(uow):
     assert not created
     assert uow.cache_written == [("orders:product:LAMP", 1, {"sku": "LAMP", **fields}), ("orders:product:LAMP", 2, doc)]
     assert await product_cases.get_product(uow, "LAMP") == doc
+
+
+async def test_with_events_on_each_change_writes_its_cloudevent_in_the_same_rows(uow):
+    uow.events = True
+    first = await place(uow, "k1", ("MUG", 1))
+    second = await place(uow, "k2", ("MUG", 1))
+    await order_cases.change_status(uow, ALICE, UUID(first.order_id), OrderStatus.CANCELLED, None, None)
+    paid = await order_cases.change_status(uow, STAFF, UUID(second.order_id), OrderStatus.PAID, None, None)
+    await order_cases.change_status(
+        uow, STAFF, UUID(second.order_id), OrderStatus.CANCELLED, None, None, reason="payment_timeout"
+    )
+    events = [payload for kind, _, payload in uow.orders.outbox_rows if kind == "event"]
+    assert [(e["subject"], e["type"], e["data"].get("reason")) for e in events] == [
+        (first.order_id, "order.created", None),
+        (second.order_id, "order.created", None),
+        (first.order_id, "order.cancelled", "customer"),
+        (second.order_id, "order.paid", None),
+        (second.order_id, "order.cancelled", "payment_timeout"),
+    ]
+    assert events[0]["data"] == orjson.loads(first.body) and events[0]["id"] == f"{first.order_id}.1"
+    assert events[3]["data"] == paid and events[3]["time"] == paid["updated_at"]
+    assert "reason" not in events[3]["data"]
+
+
+async def test_with_events_off_no_event_rows_are_written(uow):
+    placed = await place(uow, "k1", ("MUG", 1))
+    await order_cases.change_status(uow, STAFF, UUID(placed.order_id), OrderStatus.CANCELLED, None, None)
+    assert [kind for kind, _, _ in uow.orders.outbox_rows] == ["email", "audit", "audit", "email"]
