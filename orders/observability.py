@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -156,6 +155,25 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class _UtcTimestamp:
+    """structlog's TimeStamper(fmt="iso", utc=True), same text ("2026-01-02T03:04:05.678901Z"),
+    at a fraction of its cost: the date and time to the second are formatted once a second,
+    not once a line (it was the dearest step of every access log line)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
 def _colors(stream: Any) -> bool:
     """Colour the console lines where they go to a terminal (every line, ours and uvicorn's, is
     written to stdout); NO_COLOR and FORCE_COLOR (no-color.org, force-color.org) override."""
@@ -173,7 +191,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         structlog.contextvars.merge_contextvars,
         *tracing.log_processors(),
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcTimestamp(),
         _redact,
     ]
     if fmt == "console":
@@ -274,7 +292,8 @@ class RequestContext(HttpMiddleware):
                 if _SANE_REQUEST_ID.match(candidate):
                     request_id = candidate
                 break
-        request_id = request_id or uuid.uuid4().hex
+        # 32 random hex digits, as uuid4().hex was, for a quarter of its cost.
+        request_id = request_id or os.urandom(16).hex()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 0
