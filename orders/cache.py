@@ -137,10 +137,11 @@ class Cache:
             return cls(None, settings, invalidations)
         redis = Redis.from_url(
             str(settings.redis_url),
-            # No socket_timeout: redis-py would run every send under asyncio.wait_for (a task
-            # per command) and every read under a timer of its own; call() bounds each
-            # command whole (connect, send, read) with one timer instead. A command cut
-            # short so drops its connection (redis-py disconnects on cancellation).
+            # No socket_timeout (redis-py's default is 5 s): with one it runs every send under
+            # asyncio.wait_for (a task per command) and every read under a timer of its own;
+            # call() bounds each command whole (connect, send, read) with one timer instead.
+            # A command cut short so drops its connection (redis-py disconnects on cancellation).
+            socket_timeout=None,
             socket_connect_timeout=settings.redis_timeout_s,
             retry=Retry(NoBackoff(), 0),
             max_connections=200,
