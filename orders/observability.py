@@ -156,9 +156,10 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 class _UtcTimestamp:
-    """structlog's TimeStamper(fmt="iso", utc=True), same text ("2026-01-02T03:04:05.678901Z"),
-    at a fraction of its cost: the date and time to the second are formatted once a second,
-    not once a line (it was the dearest step of every access log line)."""
+    """structlog's TimeStamper(fmt="iso", utc=True), same form ("2026-01-02T03:04:05.678901Z";
+    six fraction digits even at a whole second, where TimeStamper writes none), at a fraction
+    of its cost: the date and time to the second are formatted once a second, not once a
+    line (it was the dearest step of every access log line)."""
 
     def __init__(self) -> None:
         self._second = -1
