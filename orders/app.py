@@ -6,7 +6,7 @@ import asyncio
 import gc
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,10 +20,9 @@ from orders import tracing
 from orders.api import admin, docs, health, orders, payments, products
 from orders.api.openapi import add_schemas
 from orders.api.problems import install_handlers, internal_error
-from orders.body import BodyLimit
 from orders.cors import ProblemCORSMiddleware
 from orders.middleware import HttpMiddleware
-from orders.observability import RequestContext, configure_logging, pool_gauges
+from orders.observability import RequestContext, configure_logging, loop_lag_monitor, pool_gauges
 from orders.resources import open_resources
 from orders.schemas import OrderCreate, PaymentEventIn, ProductIn, StatusChange
 from orders.settings import Settings
@@ -44,9 +43,9 @@ ALLOWED_HEADERS = [
 
 
 class CatchAll(HttpMiddleware):
-    """Innermost safety net: an unexpected exception becomes a bare 500 problem (the
-    traceback goes to the log, never to the client), inside RequestContext so that it
-    still carries X-Request-ID. A client that went away while its body was being read
+    """The safety net when CORS is on, inside it (RequestContext carries it otherwise): an
+    unexpected exception becomes a bare 500 problem (the traceback goes to the log, never
+    to the client), inside RequestContext so that it still carries X-Request-ID. A client that went away while its body was being read
     is no server error: an info line, and no answer (RequestContext counts it as 499)."""
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with open_resources(settings) as res, pool_gauges(res.pool):
+        async with open_resources(settings) as res, pool_gauges(res.pool), loop_lag_monitor():
             app.state.res = res
             previous = _watch_sigterm(app)
             # What start-up built (modules, routes, schemas, pools) lives as long as the
@@ -132,10 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.router.routes.extend(router.routes)
     app.router.routes.append(docs.assets)
 
-    # Outermost last: RequestContext(CORS(BodyLimit(CatchAll(app)))).
-    app.add_middleware(CatchAll)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost last: RequestContext(app), or RequestContext(CORS(CatchAll(app))) so that a
+    # 500 carries the CORS headers too.
+    on_error: Callable[[], Any] | None = internal_error
     if settings.cors_origin_list:
+        on_error = None
+        app.add_middleware(CatchAll)
         app.add_middleware(
             ProblemCORSMiddleware,
             allow_origins=settings.cors_origin_list,
@@ -144,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, max_bytes=settings.max_body_bytes, on_error=on_error)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

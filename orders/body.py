@@ -10,46 +10,38 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 
 from orders.errors import PayloadTooLarge, ValidationFailed, validation_errors
-from orders.middleware import HttpMiddleware
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class BodyLimit(HttpMiddleware):
-    """Raises PayloadTooLarge from `receive` once a body passes `max_bytes` (or says
-    it will, by Content-Length): nothing larger is ever buffered."""
+def limited_receive(scope: Scope, receive: Receive, limit: int) -> Receive:
+    """`receive` that raises PayloadTooLarge once the body passes `limit` bytes (or says it
+    will, by Content-Length): nothing larger is ever buffered. RequestContext installs it."""
+    declared = 0
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0
+            break
+    received = 0
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        super().__init__(app)
-        self.max_bytes = max_bytes
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        declared = 0
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                break
-        limit = self.max_bytes
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            if declared > limit:
+    async def receive_within_limit() -> Message:
+        nonlocal received
+        if declared > limit:
+            raise PayloadTooLarge(f"the body must not exceed {limit} bytes")
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
                 raise PayloadTooLarge(f"the body must not exceed {limit} bytes")
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"the body must not exceed {limit} bytes")
-            return message
+        return message
 
-        await self.app(scope, limited_receive, send)
+    return receive_within_limit
 
 
 def parse_json(raw: bytes) -> Any:

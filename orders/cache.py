@@ -75,6 +75,11 @@ def product_key(prefix: str, sku: str) -> str:
     return f"{prefix}product:{sku}"
 
 
+# The two children, once: labels() validates and locks on every call.
+_HIT = CACHE_EVENTS.labels(result="hit")
+_MISS = CACHE_EVENTS.labels(result="miss")
+
+
 class CircuitBreaker:
     """Closed until a failure; open for `cooldown_s`; then one trial call decides."""
 
@@ -132,7 +137,11 @@ class Cache:
             return cls(None, settings, invalidations)
         redis = Redis.from_url(
             str(settings.redis_url),
-            socket_timeout=settings.redis_timeout_s,
+            # No socket_timeout (redis-py's default is 5 s): with one it runs every send under
+            # asyncio.wait_for (a task per command) and every read under a timer of its own;
+            # call() bounds each command whole (connect, send, read) with one timer instead.
+            # A command cut short so drops its connection (redis-py disconnects on cancellation).
+            socket_timeout=None,
             socket_connect_timeout=settings.redis_timeout_s,
             retry=Retry(NoBackoff(), 0),
             max_connections=200,
@@ -200,17 +209,17 @@ class Cache:
             # Coming back from an outage: probe with PING, never trust a GET before
             # the invalidations recorded meanwhile are replayed.
             await self.call(lambda: redis.ping())
-            CACHE_EVENTS.labels(result="miss").inc()
+            _MISS.inc()
             return None
         ok, raw = await self.call(lambda: redis.get(key))
         if not ok or raw is None:
-            CACHE_EVENTS.labels(result="miss").inc()
+            _MISS.inc()
             return None
         _, _, payload = raw.partition(b"|")
         if not payload:
-            CACHE_EVENTS.labels(result="miss").inc()
+            _MISS.inc()
             return None
-        CACHE_EVENTS.labels(result="hit").inc()
+        _HIT.inc()
         return orjson.loads(payload)
 
     async def get_or_load(

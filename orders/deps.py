@@ -18,35 +18,50 @@ from orders.resources import Resources
 T = TypeVar("T")
 
 
-async def get_resources(request: Request) -> Resources:
-    # async: FastAPI runs a plain `def` dependency in the threadpool (a thread hop per request).
+# Each dependency reads the request itself, with no dependency of its own: FastAPI solves
+# every level of a dependency tree on every request, and that was the largest share of a
+# cached GET's time (docs/PERFORMANCE.md). The GET of one order calls the plain functions
+# itself; the dependencies below wrap them `async`: FastAPI runs a plain `def` dependency in
+# the threadpool (a thread hop per request).
+
+
+def resources(request: Request) -> Resources:
     res: Resources = request.state.res
     return res
 
 
-async def serving_resources(res: Annotated[Resources, Depends(get_resources)]) -> Resources:
+def serving(request: Request) -> Resources:
     """The resources of a route that does business: after SIGTERM a request that arrives
     (on a keep-alive connection still open) is told to go elsewhere, 503 with Retry-After."""
+    res: Resources = request.state.res
     if res.draining.is_set():
         unavailable_log("draining")
         raise Unavailable("the service is draining", retry_after=1)
     return res
 
 
-# Business routes; the probes and /metrics take ProbeResources and keep answering while draining.
-ServingResources = Annotated[Resources, Depends(serving_resources)]
-ProbeResources = Annotated[Resources, Depends(get_resources)]
-
-
-async def current_principal(
-    request: Request,
-    res: ServingResources,
-) -> Principal:
+def authenticate(request: Request, res: Resources) -> Principal:
+    """Who is calling (401 `unauthorized` otherwise); bound to the request's log lines."""
     caller = res.verifier.verify(request.headers.get("authorization"))
     structlog.contextvars.bind_contextvars(customer_id=caller.customer_id)
     return caller
 
 
+async def get_resources(request: Request) -> Resources:
+    return resources(request)
+
+
+async def serving_resources(request: Request) -> Resources:
+    return serving(request)
+
+
+async def current_principal(request: Request) -> Principal:
+    return authenticate(request, serving(request))  # draining answers 503 before a bad token 401
+
+
+# Business routes; the probes and /metrics take ProbeResources and keep answering while draining.
+ServingResources = Annotated[Resources, Depends(serving_resources)]
+ProbeResources = Annotated[Resources, Depends(get_resources)]
 CurrentCustomer = Annotated[Principal, Depends(current_principal)]
 
 

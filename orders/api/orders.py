@@ -14,7 +14,15 @@ from fastapi.responses import Response
 from orders.api.openapi import header, json_body, problems
 from orders.api.preconditions import etag, parse_if_match
 from orders.body import parse_json, validate
-from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor, parse_order_id
+from orders.deps import (
+    CurrentCustomer,
+    ServingResources,
+    authenticate,
+    ensure_admin,
+    parse_cursor,
+    parse_order_id,
+    serving,
+)
 from orders.domain.cursor import decode_order_cursor
 from orders.domain.status import OrderStatus
 from orders.errors import IdempotencyKeyMissing, NotFound, ValidationFailed
@@ -118,7 +126,10 @@ async def list_orders(
     summary="One order (owner or staff)",
     responses=problems(401, 404, 503),
 )
-async def get_order(order_id: str, caller: CurrentCustomer, res: ServingResources) -> Response:
+async def get_order(order_id: str, request: Request) -> Response:
+    # The most frequent request: no dependencies to solve, the same checks in the same order.
+    res = serving(request)
+    caller = authenticate(request, res)
     doc = await use_cases.get_order(res.unit_of_work(), caller, parse_order_id(order_id))
     return _order_response(doc, doc["version"])
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
+import time
 
 from tests.conftest import auth, make_product, place, running_app
 
@@ -54,15 +57,38 @@ async def test_metrics_expose_the_promised_series(client):
     for series in (
         'orders_http_requests_total{method="POST",route="/v1/orders",status="201"}',
         'orders_http_request_duration_seconds_bucket{le="0.05",method="GET",route="/v1/orders/{order_id}",status="200"}',
-        "orders_db_pool_size", "orders_db_pool_in_use",
-        'orders_cache_requests_total{result="hit"}', 'orders_cache_requests_total{result="miss"}',
-        "orders_notifications_pending", "orders_notifications_sent_total", "orders_relay_lag_seconds",
+        "orders_db_pool_size",
+        "orders_db_pool_in_use",
+        'orders_cache_requests_total{result="hit"}',
+        'orders_cache_requests_total{result="miss"}',
+        "orders_notifications_pending",
+        "orders_notifications_sent_total",
+        "orders_relay_lag_seconds",
     ):
         assert series in text, series
 
 
+def _lag_over_100ms(text: str) -> float:
+    """Loop-lag observations above 0.1 s: the histogram's count minus its le="0.1" bucket."""
+    count = float(re.search(r"^orders_event_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
+    upto = float(re.search(r'^orders_event_loop_lag_seconds_bucket\{le="0.1"\} (\S+)$', text, re.M).group(1))
+    return count - upto
+
+
+async def test_a_blocked_event_loop_shows_in_the_loop_lag_histogram(client):
+    before = _lag_over_100ms((await client.get("/metrics")).text)
+    time.sleep(0.3)  # holds the loop the app's lifespan runs on, as a synchronous render would
+    await asyncio.sleep(0.2)  # the sampler wakes, late, and observes it
+    assert _lag_over_100ms((await client.get("/metrics")).text) >= before + 1
+
+
 async def test_every_response_carries_a_request_id(client):
-    for method, path in [("GET", "/healthz"), ("GET", "/v1/products/nope"), ("POST", "/v1/orders"), ("GET", "/nowhere")]:
+    for method, path in [
+        ("GET", "/healthz"),
+        ("GET", "/v1/products/nope"),
+        ("POST", "/v1/orders"),
+        ("GET", "/nowhere"),
+    ]:
         r = await client.request(method, path)
         assert r.headers.get("x-request-id"), (method, path)
     r = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})

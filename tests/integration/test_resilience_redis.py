@@ -551,3 +551,26 @@ async def test_a_long_outage_is_replayed_whole_before_reads_trust_redis_again(
             assert all(_version(v) == (2, False) for v in values), sum(_version(v) != (2, False) for v in values)
         finally:
             await r.aclose()
+
+
+async def test_a_cached_read_starts_no_task(cache):
+    """One timer bounds a Redis command (Cache.call), not redis-py's socket_timeout, which
+    runs every send under asyncio.wait_for: a task per command, on every cached read."""
+    key = cache.prefix + "notask"
+    assert await cache.store(key, 1, {"v": 1})
+    assert await cache.get(key) == {"v": 1}  # the connection is open and the breaker closed
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    started: list[Any] = []
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting_factory)
+    try:
+        for _ in range(5):
+            assert await cache.get(key) == {"v": 1}
+    finally:
+        loop.set_task_factory(previous)
+    assert started == []

@@ -101,3 +101,23 @@ def test_json_is_the_default_outside_orders_dev():
 
     assert Settings.model_fields["log_format"].default == "json"
     assert configure_logging.__defaults__ == ("json", "info")
+
+
+
+def test_the_timestamp_is_iso_utc_to_the_microsecond(monkeypatch):
+    """_UtcTimestamp formats the second once and the microseconds per line: the text must
+    still name the line's own instant, in the ISO form structlog's TimeStamper writes."""
+    import re
+    import time
+    from datetime import datetime
+
+    from orders import observability
+
+    stamp = observability._UtcTimestamp()
+    for now in (1_700_000_000.0, 1_700_000_000.000001, 1_700_000_000.5, 1_700_000_001.999999, 1_767_225_599.25):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        text = stamp(None, "info", {})["timestamp"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text), text
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert abs(parsed.timestamp() - now) < 2e-6, (now, text)
+        assert parsed.tzinfo is not None and parsed.utcoffset().total_seconds() == 0
