@@ -379,6 +379,8 @@ async function runPayment(step: HTMLElement, order: Order, card: Card): Promise<
   stopWatch?.();
   payState(step, "paying", "Paying with the test card…");
   const result = await pay(provider, order, card);
+  // Another order's pay step replaced this one meanwhile: its watch is that step's.
+  if (!step.isConnected) return;
   if (result.kind === "answered" && result.outcome === "recorded") {
     if (button) button.disabled = false;
     payState(step, "declined", "Your card was declined. Nothing was charged: choose another card and try again.", true);
@@ -388,6 +390,7 @@ async function runPayment(step: HTMLElement, order: Order, card: Card): Promise<
   if (result.kind !== "answered" || !["paid", "duplicate", "refund_required"].includes(result.outcome)) {
     // Where the order stands decides what the buyer may do next.
     const now = (await settle(client, order.id, 1)) ?? order;
+    if (!step.isConnected) return;
     if (now.status !== "pending") {
       void showSettled(step, now);
       return;
@@ -407,6 +410,7 @@ async function runPayment(step: HTMLElement, order: Order, card: Card): Promise<
   }
   payState(step, "confirming", "Payment sent: waiting for the shop to confirm it…");
   const now = await settle(client, order.id);
+  if (!step.isConnected) return;
   if (now === null || now.status === "pending") {
     payState(step, "confirming", "The shop has not confirmed your payment yet: this page shows it when it does.");
     stopWatch = watchOrder(client, order, null, (later) => void showSettled(step, later));
@@ -424,6 +428,7 @@ async function runPayment(step: HTMLElement, order: Order, card: Card): Promise<
 
 /** The pay step of an order that is no longer pending: paid, or cancelled and why. */
 async function showSettled(step: HTMLElement, order: Order, note = ""): Promise<void> {
+  if (!step.isConnected) return;
   stopWatch?.();
   step.querySelector(".pay-form")?.remove();
   step.querySelector(".deadline")?.remove();
