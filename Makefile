@@ -59,12 +59,14 @@ $(NODE_MODULES): $(CHECKOUT)/package-lock.json
 client: openapi $(NODE_MODULES)
 	cd $(CHECKOUT) && npm run --silent client
 
-## `orders dev` with CORS for the checkout page, and the page on http://127.0.0.1:5173 (a token in its address).
+## `orders dev` with CORS for the checkout page, its test payment provider on :8001 (examples/checkout/provider.py,
+## with the service's webhook secret), and the page on http://127.0.0.1:5173 (a token in its address).
 demo: install $(NODE_MODULES)
 	cd $(CHECKOUT) && npm run --silent build
 	$(BIN)/python $(CHECKOUT)/demo.py
 
-## The checkout page in Debian's Chromium against a real service (PostgreSQL, Redis, SMTP sink); fails on a stale client.
+## The checkout page in Debian's Chromium against a real service (PostgreSQL, Redis, SMTP sink) and the test payment
+## provider, plus a second service that expires unpaid orders after 3 s; fails on a stale client.
 e2e: install $(NODE_MODULES)
 	cd $(CHECKOUT) && npm run --silent client:check && npm run --silent build
 	$(BIN)/python $(CHECKOUT)/e2e/run.py

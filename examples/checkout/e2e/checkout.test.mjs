@@ -10,6 +10,10 @@ import { chromium } from "playwright-core";
 
 const API = process.env.E2E_API;
 const PAGE = process.env.E2E_PAGE;
+const PROVIDER = process.env.E2E_PROVIDER;
+const PAYMENT_TIMEOUT_S = Number(process.env.E2E_PAYMENT_TIMEOUT_S);
+const EXPIRY_API = process.env.E2E_EXPIRY_API;
+const EXPIRY_TIMEOUT_S = Number(process.env.E2E_EXPIRY_TIMEOUT_S);
 const MAIL_DIR = process.env.E2E_MAIL_DIR;
 const TOKENS = JSON.parse(process.env.E2E_TOKENS ?? "{}");
 const RATE_LIMIT = Number(process.env.E2E_RATE_LIMIT);
@@ -20,7 +24,7 @@ const ADDRESS = { name: "Ada Lovelace", line1: "1 Main St", city: "London", post
 let browser;
 
 before(async () => {
-  assert.ok(API && PAGE && MAIL_DIR, "run through e2e/run.py (make e2e)");
+  assert.ok(API && PAGE && MAIL_DIR && PROVIDER && EXPIRY_API, "run through e2e/run.py (make e2e)");
   mkdirSync(SHOTS, { recursive: true });
   // launch() gives every run a fresh, temporary --user-data-dir of its own.
   browser = await chromium.launch({
@@ -37,8 +41,8 @@ after(async () => {
   await browser?.close();
 });
 
-function api(who) {
-  const client = createClient({ baseUrl: API });
+function api(who, baseUrl = API) {
+  const client = createClient({ baseUrl });
   client.use({
     onRequest({ request }) {
       request.headers.set("Authorization", `Bearer ${TOKENS[who]}`);
@@ -48,21 +52,24 @@ function api(who) {
   return client;
 }
 
-async function ordersOf(who) {
-  const { data, error } = await api("admin").GET("/v1/orders", {
+async function ordersOf(who, baseUrl = API) {
+  const { data, error } = await api("admin", baseUrl).GET("/v1/orders", {
     params: { query: { customer_id: `e2e-${who}`, limit: 100 } },
   });
   assert.equal(error, undefined);
   return data.items;
 }
 
-/** A new browser context (fresh sessionStorage) on the page, signed in as `who`. */
-async function open(who) {
+/** A new browser context (fresh sessionStorage) on the page, signed in as `who`, with the
+ *  payment provider and the service's payment timeout in its address (as `make demo` does). */
+async function open(who, { baseUrl = API, timeoutS = PAYMENT_TIMEOUT_S } = {}) {
   const context = await browser.newContext({ locale: "en-US", timezoneId: "UTC", viewport: { width: 1280, height: 1000 } });
   const page = await context.newPage();
   page.setDefaultTimeout(20_000);
   const url = new URL(PAGE);
-  url.searchParams.set("api", API);
+  url.searchParams.set("api", baseUrl);
+  url.searchParams.set("provider", PROVIDER);
+  url.searchParams.set("payment_timeout_s", String(timeoutS));
   url.searchParams.set("token", TOKENS[who]);
   await page.goto(url.href);
   await page.locator("#products tr[data-sku]").first().waitFor();
@@ -88,7 +95,7 @@ async function placedOrderId(page) {
   return id;
 }
 
-async function mailAbout(orderId, timeoutMs = 20_000) {
+async function mailAbout(orderId, timeoutMs = 20_000, kind = "created") {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     let files = [];
@@ -97,12 +104,42 @@ async function mailAbout(orderId, timeoutMs = 20_000) {
     } catch {}
     for (const file of files) {
       const text = readFileSync(`${MAIL_DIR}/${file}`, "utf8");
-      if (text.includes(`<order-${orderId}.created@orders>`)) return text;
+      if (text.includes(`<order-${orderId}.${kind}@orders>`)) return text;
     }
     await new Promise((r) => setTimeout(r, 250));
   }
-  assert.fail(`no confirmation email for ${orderId} in the SMTP sink within ${timeoutMs} ms`);
+  assert.fail(`no ${kind} email for ${orderId} in the SMTP sink within ${timeoutMs} ms`);
 }
+
+/** Places one MUG-001 order on the page; its id. */
+async function placeMug(page, email) {
+  await addToCart(page, "MUG-001");
+  await fillCheckout(page, email);
+  await page.getByRole("button", { name: "Place order" }).click();
+  return placedOrderId(page);
+}
+
+/** Every request the page makes, to check that none reaches the webhook. */
+function requestsOf(page) {
+  const seen = [];
+  page.on("request", (r) => seen.push({ method: r.method(), url: r.url(), headers: r.headers() }));
+  return seen;
+}
+
+function assertNoWebhookFromBrowser(requests) {
+  for (const r of requests) {
+    assert.ok(!r.url.includes("/v1/payments/events"), `the browser called the webhook: ${r.url}`);
+    assert.equal(r.headers["payment-signature"], undefined, "the browser signed something");
+  }
+}
+
+async function timeline(id, baseUrl = API) {
+  const { data } = await api("admin", baseUrl).GET("/v1/orders/{order_id}/events", { params: { path: { order_id: id } } });
+  return data.items;
+}
+
+// Whitespace normalised: ICU versions differ on the space before AM/PM.
+const time = (ms) => new Date(ms).toLocaleTimeString("en-US", { timeZone: "UTC" }).replace(/\s/g, " ");
 
 test("browse the catalog, order, get the confirmation email", async () => {
   const page = await open("buyer");
@@ -305,5 +342,92 @@ test("orders page by page; cancel with a stale If-Match asks again", async () =>
   assert.deepEqual(cancels, ['"1"', '"2"']);
   const { data } = await api("admin").GET("/v1/orders/{order_id}", { params: { path: { order_id: newest.id } } });
   assert.equal(data.status, "cancelled");
+  await page.context().close();
+});
+
+test("pay with the test card: the page reads the order until it is paid; the receipt email", async () => {
+  const page = await open("payer");
+  const requests = requestsOf(page);
+  const id = await placeMug(page, "payer@example.com");
+  const payment = page.locator("#payment");
+  const [order] = await ordersOf("payer");
+  assert.equal(
+    (await payment.locator(".deadline").textContent()).replace(/\s/g, " "),
+    `Please pay by ${time(Date.parse(order.created_at) + PAYMENT_TIMEOUT_S * 1000)}: unpaid orders are cancelled 15 minutes after they are placed.`,
+  );
+  // As with a provider whose webhook is late: the first read after paying still says pending.
+  const reads = [];
+  await page.route(`${API}/v1/orders/${id}`, async (route) => {
+    if (route.request().method() !== "GET") return route.continue();
+    const response = await route.fetch();
+    const body = await response.json();
+    reads.push(body.status);
+    await route.fulfill({ response, json: reads.length === 1 ? { ...body, status: "pending" } : body });
+  });
+  const pays = [];
+  page.on("request", (r) => {
+    if (r.method() === "POST" && r.url() === `${PROVIDER}/pay`) pays.push(r.postDataJSON());
+  });
+  await payment.getByLabel(/4242/).check();
+  await payment.getByRole("button", { name: "Pay $12.99" }).click();
+  await payment.getByText("Paid: thank you! The receipt is on its way to payer@example.com.").waitFor();
+  assert.equal(await payment.getAttribute("data-state"), "paid");
+  assert.equal(await payment.getByRole("button", { name: /^Pay/ }).count(), 0);
+  assert.deepEqual(reads.slice(0, 2), ["paid", "paid"], "read again after the (made up) pending answer");
+  assert.deepEqual(pays.map((p) => [p.order_id, p.amount, p.currency, p.outcome]), [[id, 1299, "USD", "succeed"]]);
+  await page.locator(`#order-list li[data-order="${id}"] .status`).getByText("paid").waitFor();
+  await page.screenshot({ path: `${SHOTS}paid.png`, fullPage: true });
+
+  const mail = await mailAbout(id, 20_000, "paid");
+  assert.match(mail, /^To: payer@example\.com/m);
+  assert.deepEqual((await ordersOf("payer")).map((o) => [o.id, o.status]), [[id, "paid"]]);
+  const paidBy = (await timeline(id)).find((e) => e.type === "order.status_changed");
+  assert.equal(paidBy.actor, "payment-provider");
+  assert.equal(paidBy.data.payment_event_id, `evt_${pays[0].payment_id}`);
+  assertNoWebhookFromBrowser(requests);
+  await page.context().close();
+});
+
+test("a declined card: the buyer is told, nothing changes, and paying again succeeds", async () => {
+  const page = await open("decliner");
+  const requests = requestsOf(page);
+  const id = await placeMug(page, "decliner@example.com");
+  const payment = page.locator("#payment");
+  await payment.getByLabel(/declined/).check();
+  await payment.getByRole("button", { name: "Pay $12.99" }).click();
+  await payment.getByText("Your card was declined. Nothing was charged: choose another card and try again.").waitFor();
+  assert.equal(await payment.getAttribute("data-state"), "declined");
+  await page.screenshot({ path: `${SHOTS}declined.png`, fullPage: true });
+  assert.deepEqual((await ordersOf("decliner")).map((o) => [o.id, o.status]), [[id, "pending"]]);
+
+  await payment.getByLabel(/4242/).check();
+  await payment.getByRole("button", { name: "Pay $12.99" }).click();
+  await payment.getByText("Paid: thank you!").waitFor();
+  assert.deepEqual((await ordersOf("decliner")).map((o) => [o.id, o.status]), [[id, "paid"]]);
+  const types = (await timeline(id)).map((e) => e.type).filter((t) => t.startsWith("payment.") || t.startsWith("order."));
+  assert.deepEqual(types, ["order.created", "payment.failed", "order.status_changed"]);
+  assertNoWebhookFromBrowser(requests);
+  await page.context().close();
+});
+
+test("an order left unpaid past the payment timeout shows as cancelled", async () => {
+  // The expiry service: ORDERS_PAYMENT_TIMEOUT_S=3, its own database (run.py).
+  const page = await open("expiry", { baseUrl: EXPIRY_API, timeoutS: EXPIRY_TIMEOUT_S });
+  const id = await placeMug(page, "expiry@example.com");
+  const payment = page.locator("#payment");
+  assert.match(await payment.locator(".deadline").textContent(), /unpaid orders are cancelled 3 seconds after they are placed\.$/);
+  // Nobody pays: the page watches the order past its deadline and says what happened.
+  await payment
+    .getByText("This order is cancelled: it was not paid in time (within 3 seconds). Nothing was charged")
+    .waitFor({ timeout: 30_000 });
+  assert.equal(await payment.getAttribute("data-state"), "cancelled");
+  assert.equal(await payment.getByRole("button", { name: /^Pay/ }).count(), 0);
+  await page.locator(`#order-list li[data-order="${id}"] .status`).getByText("cancelled").waitFor();
+  await page.screenshot({ path: `${SHOTS}expired.png`, fullPage: true });
+
+  assert.deepEqual((await ordersOf("expiry", EXPIRY_API)).map((o) => [o.id, o.status]), [[id, "cancelled"]]);
+  const cancelled = (await timeline(id, EXPIRY_API)).find((e) => e.type === "order.cancelled");
+  assert.equal(cancelled.actor, "system");
+  assert.equal(cancelled.data.reason, "payment_timeout");
   await page.context().close();
 });

@@ -3,10 +3,13 @@
 Starts, on free ports of 127.0.0.1: a fresh PostgreSQL database and Redis under a key prefix
 of its own (on the servers the tests use: ORDERS_TEST_DATABASE_URL / ORDERS_TEST_REDIS_URL, else
 the machine's on 5432 / 6379, else embedded ones), an SMTP sink writing each
-message to a directory, `orders serve` with CORS for the page's origin, and `vite preview` of
-the built page (dist/); seeds a catalog, then runs the Playwright tests (`node --test e2e/`)
-with Debian's Chromium. Everything it started is stopped, and the database dropped, whatever
-happens. Run from the repo root, after `npm ci` and `npm run build` in examples/checkout/.
+message to a directory, `orders serve` with CORS for the page's origin, the test payment
+provider (provider.py) with that service's webhook secret, and `vite preview` of the built page
+(dist/). A second `orders serve`, on a database and prefix of its own, expires unpaid orders
+after EXPIRY_TIMEOUT_S (the expiry scenario: the first one's orders must not expire meanwhile).
+Seeds a catalog in both, then runs the Playwright tests (`node --test e2e/`) with Debian's
+Chromium. Everything it started is stopped, and the databases dropped, whatever happens. Run
+from the repo root, after `npm ci` and `npm run build` in examples/checkout/.
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ CATALOG = [
     ("DATES-KW", "Dates box", 1250, "KWD", 10),
 ]
 # One customer per scenario, so that none sees another's orders, rate limit or pending cap.
-CUSTOMERS = ["buyer", "retry", "busy", "reload", "errors", "limited", "history"]
+CUSTOMERS = ["buyer", "retry", "busy", "reload", "errors", "limited", "history", "payer", "decliner", "expiry"]
 RATE_LIMIT = 6
+# The main service's payment timeout (its default, set so that the page is told the truth), and
+# the expiry service's: short, so that the scenario waits seconds.
+PAYMENT_TIMEOUT_S = 900
+EXPIRY_TIMEOUT_S = 3
 
 
 def ensure_chromium() -> None:
@@ -109,9 +116,11 @@ def main() -> int:
         sys.exit("examples/checkout/dist is missing: run `npm run build` there first (make e2e does)")
     run_id = secrets.token_hex(4)
     prefix = f"orders-e2e-{run_id}:"
-    api_port, page_port = free_port(), free_port()
+    api_port, expiry_port, provider_port, page_port = free_port(), free_port(), free_port(), free_port()
     api, page = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{page_port}"
+    expiry_api, provider = f"http://127.0.0.1:{expiry_port}", f"http://127.0.0.1:{provider_port}"
     secret = secrets.token_urlsafe(48)
+    webhook_secret = secrets.token_urlsafe(48)
     # SIGTERM (CI's stop, a Ctrl-C's cousin) unwinds the stack like an exception.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -121,6 +130,7 @@ def main() -> int:
         admin_dsn = stack.enter_context(server_dsn(work))
         redis_url = stack.enter_context(server_url(work))
         dsn = stack.enter_context(fresh_database(admin_dsn, "orders_e2e"))
+        expiry_dsn = stack.enter_context(fresh_database(admin_dsn, "orders_e2e_expiry"))
         stack.callback(forget_keys, redis_url, prefix)
         sink = SmtpSink(work)
         smtp_host, smtp_port = sink.start()
@@ -134,37 +144,57 @@ def main() -> int:
             "ORDERS_SMTP_HOST": smtp_host,
             "ORDERS_SMTP_PORT": str(smtp_port),
             "ORDERS_JWT_SECRET": secret,
-            "ORDERS_PAYMENT_WEBHOOK_SECRET": secrets.token_urlsafe(48),
+            "ORDERS_PAYMENT_WEBHOOK_SECRET": webhook_secret,
+            "ORDERS_PAYMENT_TIMEOUT_S": str(PAYMENT_TIMEOUT_S),
             "ORDERS_CORS_ORIGINS": page,
             "ORDERS_HOST": "127.0.0.1",
             "ORDERS_PORT": str(api_port),
             "ORDERS_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
             "ORDERS_LOG_LEVEL": "warning",
         }
-        server = start(stack, [sys.executable, "-m", "orders", "serve"], env, work / "server.log")
+        expiry_env = {
+            **env,
+            "ORDERS_DATABASE_URL": expiry_dsn,
+            "ORDERS_CACHE_PREFIX": f"{prefix}expiry:",
+            "ORDERS_PAYMENT_TIMEOUT_S": str(EXPIRY_TIMEOUT_S),
+            "ORDERS_PORT": str(expiry_port),
+        }
+        logs = ["server.log", "expiry-server.log", "provider.log", "vite.log"]
+        server = start(stack, [sys.executable, "-m", "orders", "serve"], env, work / logs[0])
+        expiry_server = start(stack, [sys.executable, "-m", "orders", "serve"], expiry_env, work / logs[1])
+        provider_cmd = [sys.executable, str(PAGE_DIR / "provider.py"), "--api", api, "--port", str(provider_port)]
+        provider_env = {**os.environ, "ORDERS_PAYMENT_WEBHOOK_SECRET": webhook_secret}
+        payment_provider = start(stack, [*provider_cmd, "--origin", page], provider_env, work / logs[2])
         vite = PAGE_DIR / "node_modules" / ".bin" / "vite"
         preview = start(
             stack,
             [str(vite), "preview", "--host", "127.0.0.1", "--port", str(page_port), "--strictPort"],
             dict(os.environ),
-            work / "vite.log",
+            work / logs[3],
             cwd=PAGE_DIR,
         )
         try:
             wait_for_http(f"{api}/readyz", server, 60)
+            wait_for_http(f"{expiry_api}/readyz", expiry_server, 60)
+            wait_for_http(f"{provider}/healthz", payment_provider, 30)
             wait_for_http(page, preview, 30)
         except Exception:
-            for log in ("server.log", "vite.log"):
+            for log in logs:
                 sys.stderr.write(f"--- {log}\n{(work / log).read_text(errors='replace')[-3000:]}\n")
             raise
         settings = Settings(_env_file=None, dev=True, jwt_secret=secret)  # type: ignore[call-arg]
         tokens = {who: mint(settings, f"e2e-{who}") for who in CUSTOMERS}
         tokens["admin"] = mint(settings, "e2e-admin", roles=["admin"])
         seed(api, tokens["admin"])
+        seed(expiry_api, tokens["admin"])
         test_env = {
             **os.environ,
             "E2E_API": api,
             "E2E_PAGE": page,
+            "E2E_PROVIDER": provider,
+            "E2E_PAYMENT_TIMEOUT_S": str(PAYMENT_TIMEOUT_S),
+            "E2E_EXPIRY_API": expiry_api,
+            "E2E_EXPIRY_TIMEOUT_S": str(EXPIRY_TIMEOUT_S),
             "E2E_MAIL_DIR": str(work / "mail"),
             "E2E_TOKENS": json.dumps(tokens),
             "E2E_RATE_LIMIT": str(RATE_LIMIT),
@@ -177,7 +207,8 @@ def main() -> int:
             timeout=900,
         )
         if result.returncode != 0:
-            sys.stderr.write(f"--- server.log (tail)\n{(work / 'server.log').read_text(errors='replace')[-4000:]}\n")
+            for log in logs[:3]:
+                sys.stderr.write(f"--- {log} (tail)\n{(work / log).read_text(errors='replace')[-4000:]}\n")
         return result.returncode
 
 

@@ -1,20 +1,29 @@
 // The reference checkout page: catalog, cart, place order (one Idempotency-Key per attempt,
-// checkout.ts), confirmation, the customer's orders with cancel (If-Match). Plain DOM.
+// checkout.ts), confirmation and the pay step (pay.ts), the customer's orders with cancel
+// (If-Match). Plain DOM.
 import { makeClient, problemSlug, timeout, type Order, type OrderCreate, type Problem, type Product } from "./api/client";
 import { attemptFor, currentAttempt, forgetAttempt, submit, type Attempt, type Outcome } from "./checkout";
 import { formatMoney } from "./money";
+import { cancelReason, pay, paymentDeadline, settle, TEST_CARDS, watchOrder, type Card } from "./pay";
 
-// Where the service is and who the buyer is: ?api= and ?token= (what `make demo` prints),
-// kept in sessionStorage for reloads and taken out of the address bar.
+// Where the service is and who the buyer is: ?api= and ?token=; where the payment provider is,
+// ?provider=, and the service's ORDERS_PAYMENT_TIMEOUT_S, ?payment_timeout_s= (the API does not
+// expose it): what `make demo` prints. Kept in sessionStorage for reloads and taken out of the
+// address bar.
+const CONFIG = ["api", "token", "provider", "payment_timeout_s"];
 const params = new URLSearchParams(location.search);
-for (const name of ["api", "token"]) {
+for (const name of CONFIG) {
   const value = params.get(name);
   if (value) sessionStorage.setItem(`checkout.${name}`, value);
 }
-if (params.has("token") || params.has("api")) history.replaceState(null, "", location.pathname);
+if (CONFIG.some((name) => params.has(name))) history.replaceState(null, "", location.pathname);
 const apiBase = sessionStorage.getItem("checkout.api") ?? import.meta.env.VITE_ORDERS_API ?? "http://127.0.0.1:8000";
 const token = () => sessionStorage.getItem("checkout.token");
 const client = makeClient(apiBase, token);
+const provider = sessionStorage.getItem("checkout.provider");
+const paymentTimeoutS = ((value) => (Number.isFinite(value) && value > 0 ? value : null))(
+  Number(sessionStorage.getItem("checkout.payment_timeout_s")),
+);
 
 const PAGE_SIZE = 5;
 
@@ -279,11 +288,164 @@ function showConfirmation(order: Order, replayed: boolean): void {
     el("p", `Order ${order.id}, total ${formatMoney(order.total, order.currency)}.`),
     lines,
     el("p", `A confirmation email is on its way to ${order.email}.`),
-    // Payment confirmation does not exist in the service yet: the order stays pending until it does.
-    el("p", "Payment is not offered by this example yet: the order stays pending.", "hint"),
   );
   if (replayed) box.append(el("p", "(Your retry reached an order already placed: you have not ordered twice.)", "hint"));
+  box.append(payStep(order));
   box.hidden = false;
+}
+
+// ------------------------------------------------------------------ pay
+
+/** Stops watching the order of the pay step on show (one pay step at a time). */
+let stopWatch: (() => void) | null = null;
+
+const duration = (seconds: number) =>
+  seconds >= 120 ? `${Math.round(seconds / 60)} minutes` : `${seconds} second${seconds === 1 ? "" : "s"}`;
+
+/** A pending order's pay step from the orders list (after a reload, or a later visit). */
+function showPayStep(order: Order): void {
+  const box = $("#confirmation");
+  box.replaceChildren(
+    el("h3", "Pay for your order"),
+    el("p", `Order ${order.id}, total ${formatMoney(order.total, order.currency)}.`),
+    payStep(order),
+  );
+  box.hidden = false;
+  box.scrollIntoView({ block: "nearest" });
+}
+
+function payStep(order: Order): HTMLElement {
+  stopWatch?.();
+  stopWatch = null;
+  const step = el("section", "", "pay-step");
+  step.id = "payment";
+  step.dataset.order = order.id;
+  step.dataset.state = "pending";
+  const state = el("p", "", "pay-status");
+  state.id = "payment-status";
+  state.setAttribute("role", "status");
+  state.setAttribute("aria-live", "polite");
+  step.append(el("h4", "Payment"));
+  const deadline = paymentDeadline(order, paymentTimeoutS);
+  if (deadline !== null && paymentTimeoutS !== null) {
+    const due = `Please pay by ${deadline.toLocaleTimeString()}: unpaid orders are cancelled ${duration(paymentTimeoutS)} after they are placed.`;
+    step.append(el("p", due, "deadline"));
+  }
+  if (provider === null) {
+    step.append(el("p", "No payment provider is configured for this page (`make demo` starts a test one): the order stays pending.", "hint"), state);
+  } else {
+    step.append(payForm(step, order), state);
+  }
+  stopWatch = watchOrder(client, order, paymentTimeoutS, (now) => void showSettled(step, now));
+  return step;
+}
+
+function payForm(step: HTMLElement, order: Order): HTMLFormElement {
+  const form = el("form", "", "pay-form");
+  const cards = el("fieldset");
+  cards.append(el("legend", "Test card"));
+  TEST_CARDS.forEach(({ card, label }, index) => {
+    const input = el("input");
+    Object.assign(input, { type: "radio", name: "card", value: card, checked: index === 0 });
+    const option = el("label", "", "card");
+    option.append(input, ` ${label}`);
+    cards.append(option);
+  });
+  const button = el("button", `Pay ${formatMoney(order.total, order.currency)}`);
+  button.type = "submit";
+  button.id = "pay";
+  form.append(cards, button);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const card = (form.elements.namedItem("card") as RadioNodeList).value as Card;
+    void runPayment(step, order, card);
+  });
+  return form;
+}
+
+function payState(step: HTMLElement, state: string, text: string, error = false): void {
+  step.dataset.state = state;
+  const line = step.querySelector<HTMLElement>(".pay-status");
+  if (line === null) return;
+  line.textContent = text;
+  line.classList.toggle("error", error);
+}
+
+async function runPayment(step: HTMLElement, order: Order, card: Card): Promise<void> {
+  if (provider === null) return;
+  const button = step.querySelector<HTMLButtonElement>("#pay");
+  if (button) button.disabled = true;
+  // The watch could report an expiry while the payment is under way: the answer tells first.
+  stopWatch?.();
+  payState(step, "paying", "Paying with the test card…");
+  const result = await pay(provider, order, card);
+  // Another order's pay step replaced this one meanwhile: its watch is that step's.
+  if (!step.isConnected) return;
+  if (result.kind === "answered" && result.outcome === "recorded") {
+    if (button) button.disabled = false;
+    payState(step, "declined", "Your card was declined. Nothing was charged: choose another card and try again.", true);
+    stopWatch = watchOrder(client, order, paymentTimeoutS, (now) => void showSettled(step, now));
+    return;
+  }
+  if (result.kind !== "answered" || !["paid", "duplicate", "refund_required"].includes(result.outcome)) {
+    // Where the order stands decides what the buyer may do next.
+    const now = (await settle(client, order.id, 1)) ?? order;
+    if (!step.isConnected) return;
+    if (now.status !== "pending") {
+      void showSettled(step, now);
+      return;
+    }
+    const why =
+      result.kind === "answered"
+        ? result.outcome === "amount_mismatch"
+          ? "the amount paid is not the order's total (it will be refunded)"
+          : `the shop answered “${result.outcome}”`
+        : result.kind === "refused"
+          ? result.detail
+          : `the payment provider could not be reached (${result.reason})`;
+    if (button) button.disabled = false;
+    payState(step, "failed", `The payment did not go through: ${why}. Your order is still unpaid: try again.`, true);
+    stopWatch = watchOrder(client, order, paymentTimeoutS, (now) => void showSettled(step, now));
+    return;
+  }
+  payState(step, "confirming", "Payment sent: waiting for the shop to confirm it…");
+  const now = await settle(client, order.id);
+  if (!step.isConnected) return;
+  if (now === null || now.status === "pending") {
+    payState(step, "confirming", "The shop has not confirmed your payment yet: this page shows it when it does.");
+    stopWatch = watchOrder(client, order, null, (later) => void showSettled(step, later));
+    return;
+  }
+  // refund_required: this payment came after an expiry (or a cancel), or after another payment.
+  const refund =
+    result.outcome !== "refund_required"
+      ? ""
+      : now.status === "cancelled"
+        ? " Your payment arrived after that: it will be refunded."
+        : " This order was already paid: this second payment will be refunded.";
+  await showSettled(step, now, refund);
+}
+
+/** The pay step of an order that is no longer pending: paid, or cancelled and why. */
+async function showSettled(step: HTMLElement, order: Order, note = ""): Promise<void> {
+  if (!step.isConnected) return;
+  stopWatch?.();
+  step.querySelector(".pay-form")?.remove();
+  step.querySelector(".deadline")?.remove();
+  if (order.status === "cancelled") {
+    const reason = await cancelReason(client, order.id);
+    const why =
+      reason === "payment_timeout"
+        ? `it was not paid in time${paymentTimeoutS === null ? "" : ` (within ${duration(paymentTimeoutS)})`}. Nothing was charged and its items are back in stock: order again to buy them.`
+        : reason === "customer"
+          ? "you cancelled it."
+          : "the shop cancelled it.";
+    payState(step, "cancelled", `This order is cancelled: ${why}${note}`, true);
+    void loadProducts();
+  } else {
+    payState(step, "paid", `Paid: thank you! The receipt is on its way to ${order.email}.${note}`);
+  }
+  void loadOrders();
 }
 
 async function place(attempt: Attempt): Promise<void> {
@@ -353,6 +515,12 @@ function renderOrder(row: HTMLLIElement, order: Order, note = ""): void {
     el("span", items),
     el("span", order.id.slice(0, 8), "sku"),
   );
+  if (order.status === "pending" && provider !== null) {
+    const payButton = el("button", "Pay");
+    payButton.type = "button";
+    payButton.addEventListener("click", () => showPayStep(order));
+    row.append(payButton);
+  }
   if (order.status === "pending" || order.status === "paid") {
     const cancel = el("button", "Cancel");
     cancel.type = "button";
