@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
 
+Row = TypeVar("Row")
+
 
 class BadCursor(ValueError):
     pass
+
+
+def page(
+    rows: Sequence[Row], limit: int, doc: Callable[[Row], dict[str, Any]], cursor: Callable[[Row], str]
+) -> dict[str, Any]:
+    """A page of a listing from `limit` + 1 rows read in its order: `limit` documents, and
+    the cursor of the last one when a further row says that more follow."""
+    shown = rows[:limit]
+    return {
+        "items": [doc(r) for r in shown],
+        "next_cursor": cursor(shown[-1]) if len(rows) > limit else None,
+    }
 
 
 def _encode(value: list[str]) -> str:

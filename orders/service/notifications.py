@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from orders.documents import notification_doc
-from orders.domain.cursor import encode_id_cursor
+from orders.domain.cursor import encode_id_cursor, page
 from orders.errors import InvalidTransition, NotFound
 from orders.service.unit_of_work import UnitOfWork
 
@@ -18,12 +18,7 @@ async def list_notifications(
     rows = await uow.read(
         lambda conn: uow.outbox.page(conn, status=status, order_id=order_id, before_id=before_id, limit=limit + 1)
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "items": [notification_doc(r) for r in rows],
-        "next_cursor": encode_id_cursor(rows[-1]["id"]) if more else None,
-    }
+    return page(rows, limit, notification_doc, lambda r: encode_id_cursor(r["id"]))
 
 
 async def retry_notification(uow: UnitOfWork, row_id: int) -> dict[str, Any]:

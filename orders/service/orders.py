@@ -20,7 +20,7 @@ import structlog
 from orders.auth import Principal
 from orders.cache import order_key, product_key
 from orders.documents import order_doc, rfc3339
-from orders.domain.cursor import encode_order_cursor
+from orders.domain.cursor import encode_order_cursor, page
 from orders.domain.pricing import CatalogEntry, price_order
 from orders.domain.status import NOTIFYING, OrderStatus, can_transition, event_type
 from orders.errors import (
@@ -393,12 +393,7 @@ async def list_orders(
             conn, customer_id=scope, status=status.value if status else None, before=before, limit=limit + 1
         ),
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "items": [order_doc(r) for r in rows],
-        "next_cursor": encode_order_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None,
-    }
+    return page(rows, limit, order_doc, lambda r: encode_order_cursor(r["created_at"], r["id"]))
 
 
 async def order_events(uow: UnitOfWork, caller: Principal, order_id: UUID) -> list[dict[str, Any]]:

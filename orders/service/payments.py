@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 
 from orders.documents import rfc3339
-from orders.domain.cursor import encode_id_cursor
+from orders.domain.cursor import encode_id_cursor, page
 from orders.domain.status import OrderStatus
 from orders.observability import EXPIRED_ORDERS, PAYMENT_EVENTS
 from orders.schemas import PaymentEventIn
@@ -106,12 +106,7 @@ def payment_event_doc(row: asyncpg.Record) -> dict[str, Any]:
 
 async def list_events(uow: UnitOfWork, *, outcome: str | None, before_seq: int | None, limit: int) -> dict[str, Any]:
     rows = await uow.read(lambda conn: uow.payments.page(conn, outcome=outcome, before_seq=before_seq, limit=limit + 1))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "items": [payment_event_doc(r) for r in rows],
-        "next_cursor": encode_id_cursor(rows[-1]["seq"]) if more else None,
-    }
+    return page(rows, limit, payment_event_doc, lambda r: encode_id_cursor(r["seq"]))
 
 
 async def expire_overdue(uow: UnitOfWork, *, timeout_s: float, batch: int) -> tuple[int, int]:

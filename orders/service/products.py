@@ -6,7 +6,7 @@ from typing import Any
 
 from orders.cache import product_key
 from orders.documents import product_doc
-from orders.domain.cursor import encode_sku_cursor
+from orders.domain.cursor import encode_sku_cursor, page
 from orders.errors import NotFound
 from orders.service.unit_of_work import UnitOfWork
 
@@ -34,9 +34,4 @@ async def put_product(uow: UnitOfWork, sku: str, fields: dict[str, Any]) -> tupl
 
 async def list_products(uow: UnitOfWork, after: str | None, limit: int) -> dict[str, Any]:
     rows = await uow.read(lambda conn: uow.products.page(conn, after, limit + 1))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "items": [product_doc(r) for r in rows],
-        "next_cursor": encode_sku_cursor(rows[-1]["sku"]) if more else None,
-    }
+    return page(rows, limit, product_doc, lambda r: encode_sku_cursor(r["sku"]))

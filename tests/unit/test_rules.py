@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from orders.api.preconditions import parse_if_match
+from orders.domain.cursor import page
 from orders.domain.money import MINOR_UNITS, format_money, is_currency
 from orders.notify.email import render
 from orders.notify.outbox import email_row, message_id
@@ -144,3 +145,15 @@ def test_the_environment_cannot_lift_the_refusals(monkeypatch):
     with pytest.raises(ValidationError):
         Settings(_env_file=None)  # type: ignore[call-arg]
     assert Settings(_env_file=None, dev=True).dev
+
+
+def test_a_page_shows_limit_rows_and_a_cursor_only_when_more_follow():
+    rows = [{"id": i} for i in (5, 4, 3)]
+    doc = dict  # each row as its document
+
+    def cursor(row: dict[str, int]) -> str:
+        return f"before-{row['id']}"
+
+    assert page(rows, 2, doc, cursor) == {"items": [{"id": 5}, {"id": 4}], "next_cursor": "before-4"}
+    assert page(rows, 3, doc, cursor) == {"items": rows, "next_cursor": None}
+    assert page([], 3, doc, cursor) == {"items": [], "next_cursor": None}
