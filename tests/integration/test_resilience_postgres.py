@@ -177,9 +177,11 @@ async def test_connection_dying_during_the_placement_is_503_and_commits_nothing(
             order = asyncio.create_task(place(client, customer, (sku, 2), key=key))
 
             async def waiting_backend() -> int | None:
+                # Blocked by `holder`: never another session's backend (the server is shared).
                 return await watcher.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%'"
-                    " AND application_name = 'orders'"
+                    " AND $1 = ANY(pg_blocking_pids(pid))",
+                    holder.get_server_pid(),
                 )
 
             pid = await wait_for(waiting_backend)
@@ -229,9 +231,11 @@ async def test_connection_dying_in_a_status_change_is_503_and_writes_nothing(mak
             cancel = asyncio.create_task(client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer)))
 
             async def waiting_backend() -> int | None:
+                # Blocked by `holder`: never another session's backend (the server is shared).
                 return await watcher.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_change(%'"
-                    " AND application_name = 'orders'"
+                    " AND $1 = ANY(pg_blocking_pids(pid))",
+                    holder.get_server_pid(),
                 )
 
             pid = await wait_for(waiting_backend)
