@@ -133,10 +133,10 @@ async def get(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None
 
 
 async def get_for_update(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
-    """The order, locked, and `now`: the transaction's timestamp, which CHANGE_SQL writes as
-    its updated_at (so that the order event built before it carries the same)."""
+    """The order, locked (the payment webhook's path: orders_change() then runs in the
+    same transaction)."""
     return await conn.fetchrow(
-        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY}, now() AS now FROM orders o WHERE o.id = $1 FOR UPDATE OF o",
+        f"SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o WHERE o.id = $1 FOR UPDATE OF o",
         order_id,
     )
 
@@ -173,68 +173,36 @@ async def page(
     )
 
 
-# A status change: the order row (already locked by get_for_update), its event, its
-# outbox rows; `$6` releases the stock when the change is a cancellation, locking the
-# product rows in SKU order first, as a new order does (orders_place()). An order leaving
-# pending is taken off its customer's count by the triggers of migration 0002 at the end
-# of the statement; `customer` locks that row before the product rows, in orders_place()'s
-# order (locked after them, a cancel and a new order of one customer could deadlock).
-CHANGE_SQL = """
-WITH customer AS MATERIALIZED (
-    SELECT c.customer_id FROM customer_pending c JOIN orders o USING (customer_id)
-     WHERE o.id = $1 AND o.status = 'pending'
-       FOR NO KEY UPDATE OF c
-), changed AS (
-    UPDATE orders SET status = $2, version = version + 1, updated_at = now()
-     WHERE id = $1
- RETURNING id, version, updated_at
-), locked AS MATERIALIZED (
-    SELECT p.sku FROM products p
-     WHERE $6 AND p.sku IN (SELECT i.sku FROM order_items i WHERE i.order_id = $1)
-       AND (SELECT count(*) FROM customer) >= 0  -- (always true: the customer's row first)
-     ORDER BY p.sku FOR NO KEY UPDATE OF p
-), released AS (
-    UPDATE products p
-       SET stock = p.stock + i.quantity, version = p.version + 1, updated_at = now()
-      FROM order_items i JOIN locked USING (sku)
-     WHERE $6 AND i.order_id = $1 AND p.sku = i.sku
- RETURNING p.sku, p.version
-), event AS (
-    INSERT INTO order_events (order_id, type, actor, data)
-    VALUES ($1, $3, $4, $5)
-), outbox_rows AS (
-    INSERT INTO outbox (order_id, kind, topic, payload, next_attempt_at, trace_context)
-    SELECT $1, t.kind, t.topic, t.payload, now() + make_interval(secs => $7), $11::jsonb
-      FROM unnest($8::text[], $9::text[], $10::jsonb[]) AS t(kind, topic, payload)
-    RETURNING id
-)
-SELECT c.version, c.updated_at,
-       (SELECT array_agg(id ORDER BY id) FROM outbox_rows) AS outbox_ids,
-       (SELECT jsonb_agg(jsonb_build_array(sku, version)) FROM released) AS released
-  FROM changed c
-"""
-
-
 class ChangeParams(NamedTuple):
-    """The parameters of CHANGE_SQL, in the order of their numbers."""
+    """The parameters of orders_change() (migration 0008), in the order of their numbers
+    in CHANGE_SQL; each is passed by name (p_<field>)."""
 
     order_id: UUID  # $1
-    status: str  # $2
-    event_type: str  # $3
-    actor: str  # $4
-    event_data: dict[str, Any]  # $5
-    release_stock: bool  # $6
-    outbox_delay_s: float  # $7
-    outbox_kinds: list[str]  # $8 .. $10: the outbox rows
+    version: int  # $2: the version the change was judged on; written only if still current
+    status: str  # $3
+    event_type: str  # $4
+    actor: str  # $5
+    event_data: dict[str, Any]  # $6
+    release_stock: bool  # $7
+    outbox_delay_s: float  # $8
+    outbox_kinds: list[str]  # $9 .. $11: the outbox rows
     outbox_topics: list[str]
     outbox_payloads: list[dict[str, Any]]
-    trace_context: dict[str, str] | None  # $11: the request's, for the delivery span
+    trace_context: dict[str, str] | None  # $12: the request's, for the delivery span
+
+
+# A status change in one call: written only if the order is still at the version it was
+# judged on, else the latest row (migration 0008 says which outcomes and why).
+CHANGE_SQL = "SELECT * FROM orders_change({})".format(
+    ", ".join(f"p_{name} => ${number}" for number, name in enumerate(ChangeParams._fields, 1))
+)
 
 
 async def change_status(
     conn: asyncpg.Connection,
     order_id: UUID,
     *,
+    version: int,
     status: str,
     event_type: str,
     actor: str,
@@ -242,17 +210,22 @@ async def change_status(
     release_stock: bool,
     outbox: list[tuple[str, str, dict[str, Any]]],
 ) -> asyncpg.Record:
-    # In field order; the keyword parameters above carry the names.
+    """orders_change(): one round trip, in autocommit or in the caller's transaction.
+    The outbox rows of kind 'event' get their `time` and `data.updated_at` there."""
+    kinds, topics, payloads = _columns(outbox, 3)
     params = ChangeParams(
-        order_id,
-        status,
-        event_type,
-        actor,
-        event_data,
-        release_stock,
-        FAST_PATH_HEAD_START_S,
-        *_columns(outbox, 3),
-        tracing.carrier(),
+        order_id=order_id,
+        version=version,
+        status=status,
+        event_type=event_type,
+        actor=actor,
+        event_data=event_data,
+        release_stock=release_stock,
+        outbox_delay_s=FAST_PATH_HEAD_START_S,
+        outbox_kinds=kinds,
+        outbox_topics=topics,
+        outbox_payloads=payloads,
+        trace_context=tracing.carrier(),
     )
     row = await conn.fetchrow(CHANGE_SQL, *params)
     assert row is not None

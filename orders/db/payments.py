@@ -86,7 +86,7 @@ async def lock_overdue(conn: asyncpg.Connection, order_id: UUID, *, timeout_s: f
     expired by another replica: FOR UPDATE re-checks the WHERE on the latest version)."""
     return await conn.fetchrow(
         f"""
-        SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY}, now() AS now FROM orders o
+        SELECT {ORDER_COLUMNS}, {ITEMS_SUBQUERY} FROM orders o
          WHERE o.id = $1 AND o.status = 'pending' AND o.created_at < now() - make_interval(secs => $2)
            FOR UPDATE OF o SKIP LOCKED
         """,

@@ -44,6 +44,8 @@ from orders.service.unit_of_work import UnitOfWork
 log = structlog.get_logger("orders.service")
 
 PLACE_ATTEMPTS = 3
+# Calls of orders_change() per status change: more only when the order changed meanwhile.
+CHANGE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +286,24 @@ async def visible_order_exists(uow: UnitOfWork, caller: Principal, order_id: UUI
     return owner is not None and caller.can_see(owner)
 
 
+def _refusal(
+    caller: Principal, doc: dict[str, Any] | None, target: OrderStatus, if_match: frozenset[int] | None
+) -> Exception | None:
+    """Why `caller` may not move `doc` (None: no such order) to `target`: 404, then 412,
+    then 409; None when the change is allowed."""
+    if doc is None or not caller.can_see(doc["customer_id"]):
+        return NotFound("no such order")
+    if if_match is not None and doc["version"] not in if_match:
+        return PreconditionFailed(f'the order is at version "{doc["version"]}"')
+    current = OrderStatus(doc["status"])
+    if not can_transition(current, target):
+        return InvalidTransition(
+            f"an order that is {current.value} cannot become {target.value}",
+            current_status=current.value,
+        )
+    return None
+
+
 async def change_status(
     uow: UnitOfWork,
     caller: Principal,
@@ -296,24 +316,34 @@ async def change_status(
 ) -> dict[str, Any]:
     """Move an order to `target` (cancel included): 404, 412, 409 or the new order.
     `if_match`: the versions the client accepts (None: any). `reason` of a cancellation:
-    by default "staff" when staff cancel, else "customer"."""
+    by default "staff" when staff cancel, else "customer".
+
+    One database round trip on the common path: the change is judged on the order as the
+    cache holds it, then orders_change() (migration 0008) writes it in autocommit only if
+    the order is still at that version. A miss costs a read first, and so does a refusal
+    judged on the cache (which may lag a commit by a moment: a refusal is only answered
+    from the database's row). When the version moved (a stale cache, a change that
+    committed first), the call answers the latest row: judged again, and written again
+    from it, CHANGE_ATTEMPTS calls at most, then 503."""
     if target is OrderStatus.CANCELLED and reason is None:
         reason = "staff" if caller.is_admin else "customer"
-    async with uow.transaction() as conn:
-        row = await uow.orders.get_for_update(conn, order_id)
-        if row is None or not caller.can_see(row["customer_id"]):
-            raise NotFound("no such order")
-        if if_match is not None and row["version"] not in if_match:
-            raise PreconditionFailed(f'the order is at version "{row["version"]}"')
-        current = OrderStatus(row["status"])
-        if not can_transition(current, target):
-            raise InvalidTransition(
-                f"an order that is {current.value} cannot become {target.value}",
-                current_status=current.value,
+    doc = await uow.cache.get(order_key(uow.cache.prefix, order_id))
+    if doc is None or _refusal(caller, doc, target, if_match) is not None:
+        row = await uow.read(lambda conn: uow.orders.get(conn, order_id))
+        doc = None if row is None else order_doc(row)
+    for _ in range(CHANGE_ATTEMPTS):
+        refusal = _refusal(caller, doc, target, if_match)
+        if refusal is not None:
+            raise refusal
+        assert doc is not None
+        async with uow.autocommit() as conn:
+            outcome, doc = await _change(
+                uow, conn, doc, target, actor=caller.customer_id, request_id=request_id, reason=reason
             )
-        return await apply_change(
-            uow, conn, row, target, actor=caller.customer_id, request_id=request_id, reason=reason
-        )
+        if outcome == "changed":
+            assert doc is not None
+            return doc
+    raise Unavailable("the order kept changing meanwhile, retry", retry_after=1)
 
 
 async def apply_change(
@@ -327,30 +357,55 @@ async def apply_change(
     reason: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A status change in the caller's transaction (the payment webhook, the expiry): `row`
+    is the order as get_for_update read it, locked by this open transaction, and the
+    transition is allowed. Written as change_status() writes it (_change)."""
+    outcome, doc = await _change(
+        uow, conn, order_doc(row), target, actor=actor, request_id=request_id, reason=reason, data=data
+    )
+    # The row is locked by this transaction at the version it was read at.
+    assert outcome == "changed" and doc is not None, outcome
+    return doc
+
+
+async def _change(
+    uow: UnitOfWork,
+    conn: asyncpg.Connection,
+    current_doc: dict[str, Any],
+    target: OrderStatus,
+    *,
+    actor: str,
+    request_id: str | None,
+    reason: str | None,
+    data: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any] | None]:
     """The one path of every status change (staff, customer, payment provider, expiry):
-    `row` is the order as get_for_update read it, locked by this open transaction, and
-    the transition is allowed. Writes the change, its timeline event (with `reason` and
-    `data`), audit entry and email; the cache and the delivery follow the commit."""
-    order_id = UUID(str(row["id"]))
-    current = OrderStatus(row["status"])
-    before = {"status": current.value, "version": row["version"]}
-    after = {"status": target.value, "version": row["version"] + 1}
+    `current_doc` moved to `target` (an allowed transition) by one call of orders_change(),
+    if the order is still at its version. Writes the change, its timeline event (with
+    `reason` and `data`), audit entry, email and order event; the cache and the delivery
+    follow the commit. Returns ("changed", the new order), ("stale", the latest order: nothing
+    written) or ("not_found", None)."""
+    current = OrderStatus(current_doc["status"])
+    version = current_doc["version"]
+    before = {"status": current.value, "version": version}
+    after = {"status": target.value, "version": version + 1}
     event_data: dict[str, Any] = {"from": current.value, "to": target.value, **(data or {})}
     if reason is not None:
         event_data["reason"] = reason
         after["reason"] = reason
-    doc = order_doc(row)
-    doc["status"] = target.value
-    doc["version"] = row["version"] + 1
-    doc["updated_at"] = rfc3339(row["now"])  # what CHANGE_SQL writes: the transaction's now()
+    # updated_at is the statement's now(), which only orders_change() knows: it sets it in
+    # the order event's row too, and answers it for the document.
+    doc = {**current_doc, "status": target.value, "version": version + 1, "updated_at": None}
     outbox_rows = [audit_row(event_type(target), actor, before, after, request_id)]
     if target in NOTIFYING:
         outbox_rows.append(email_row(doc, target.value, request_id))
     if uow.events:
         outbox_rows.append(event_row(doc, reason))
+    order_id = UUID(doc["id"])
     result = await uow.orders.change_status(
         conn,
         order_id,
+        version=version,
         status=target.value,
         event_type=event_type(target),
         actor=actor,
@@ -358,12 +413,20 @@ async def apply_change(
         release_stock=target is OrderStatus.CANCELLED,
         outbox=outbox_rows,
     )
+    outcome = result["outcome"]
+    if outcome == "stale":
+        return outcome, order_doc(result)
+    if outcome == "not_found":
+        return outcome, None
+    assert outcome == "changed", outcome
+    # Nothing below may raise: the change is committed (in autocommit) or will be.
+    doc["updated_at"] = rfc3339(result["updated_at"])
     structlog.contextvars.bind_contextvars(order_id=str(order_id))
     uow.cache_write(order_key(uow.cache.prefix, order_id), doc["version"], doc)
-    for sku, version in result["released"] or []:
-        uow.cache_write(product_key(uow.cache.prefix, sku), version, None)
+    for sku, product_version in result["released"] or []:
+        uow.cache_write(product_key(uow.cache.prefix, sku), product_version, None)
     uow.dispatch_later(list(result["outbox_ids"] or []))
-    return doc
+    return outcome, doc
 
 
 async def get_order(uow: UnitOfWork, caller: Principal, order_id: UUID) -> dict[str, Any]:

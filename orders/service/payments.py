@@ -115,7 +115,7 @@ async def expire_overdue(uow: UnitOfWork, *, timeout_s: float, batch: int) -> tu
 
     Each order in its own transaction: locking a whole batch of orders first and then each
     one's customer and product rows would take locks out of the order every other writer
-    uses (customer, then products: orders.db.orders.CHANGE_SQL) and could deadlock with
+    uses (customer, then products: orders_change(), migration 0008) and could deadlock with
     new orders. SKIP LOCKED leaves an order that another replica, a payment or a cancel
     holds; whoever holds it decides, and the re-checked status makes each expiry happen once.
     """

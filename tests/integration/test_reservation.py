@@ -21,7 +21,8 @@ async def _order_racing_a_change(client, db, customer: str, sku: str, quantity: 
         for _ in range(200):  # until the order's reservation waits for the row
             if await watcher.fetchval(
                 "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%'"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%' AND $1 = ANY(pg_blocking_pids(pid))",
+                other.get_server_pid(),  # never another session's backend: the server is shared
             ):
                 break
             await asyncio.sleep(0.05)

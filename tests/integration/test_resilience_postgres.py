@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from orders.db import orders as order_queries
+from orders.db import outbox as outbox_queries
 from orders.db import products as product_queries
 from orders.dev.postgres import EmbeddedPostgres
 from orders.dev.process import free_port
@@ -176,9 +177,11 @@ async def test_connection_dying_during_the_placement_is_503_and_commits_nothing(
             order = asyncio.create_task(place(client, customer, (sku, 2), key=key))
 
             async def waiting_backend() -> int | None:
+                # Blocked by `holder`: never another session's backend (the server is shared).
                 return await watcher.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%'"
-                    " AND application_name = 'orders'"
+                    " AND $1 = ANY(pg_blocking_pids(pid))",
+                    holder.get_server_pid(),
                 )
 
             pid = await wait_for(waiting_backend)
@@ -195,45 +198,57 @@ async def test_connection_dying_during_the_placement_is_503_and_commits_nothing(
 
 async def test_connection_dying_before_rollback_is_503(make_settings, database_url, monkeypatch):
     """A business error raised in a transaction whose connection died: the ROLLBACK
-    fails too; that is a 503, never a 500."""
+    fails too; that is a 503, never a 500. (Staff re-queueing a notification that does
+    not exist: a 404 raised inside the transaction.)"""
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
-        sku = await make_product(client, stock=3)
-        customer = "cust-pg-rollback"
-        order = (await place(client, customer, (sku, 1))).json()
-        real_get = order_queries.get_for_update
+        real_get = outbox_queries.get
 
         async def get_then_die(conn: Any, *a: Any) -> Any:
             row = await real_get(conn, *a)
             await _kill_backend_of(conn, database_url)
-            return row  # If-Match does not match: the service raises 412 and rolls back
+            return row  # None: the service raises 404 and rolls back
 
-        monkeypatch.setattr(order_queries, "get_for_update", get_then_die)
-        r = await client.post(f"/v1/orders/{order['id']}/cancel", headers={**auth(customer), "If-Match": '"7"'})
+        monkeypatch.setattr(outbox_queries, "get", get_then_die)
+        r = await client.post("/v1/admin/notifications/999999999/retry", headers=ADMIN)
         assert_unavailable(r)
-        monkeypatch.setattr(order_queries, "get_for_update", real_get)
-        assert (await client.get(f"/v1/orders/{order['id']}", headers=auth(customer))).json()["status"] == "pending"
+        monkeypatch.setattr(outbox_queries, "get", real_get)
+        r = await client.post("/v1/admin/notifications/999999999/retry", headers=ADMIN)
+        assert r.status_code == 404
 
 
-async def test_connection_dying_in_a_status_change_is_503(make_settings, database_url, monkeypatch):
+async def test_connection_dying_in_a_status_change_is_503_and_writes_nothing(make_settings, database_url, db):
+    """The server ends the connection while orders_change() runs (waiting for the order's
+    row, which another transaction holds): 503 (not 500), nothing written, and the cancel
+    sent again releases the stock once."""
     async with running_app(make_settings(cache_prefix=f"pgres-{secrets.token_hex(4)}:")) as client:
         sku = await make_product(client, stock=3)
-        customer = "cust-pg-change"
+        customer = f"cust-pg-change-{secrets.token_hex(3)}"
         order = (await place(client, customer, (sku, 1))).json()
-        real_change = order_queries.change_status
+        async with db.acquire() as holder, db.acquire() as watcher:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order["id"])
+            cancel = asyncio.create_task(client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer)))
 
-        async def change_then_die(conn: Any, *a: Any, **kw: Any) -> Any:
-            row = await real_change(conn, *a, **kw)
-            await _kill_backend_of(conn, database_url)
-            return row
+            async def waiting_backend() -> int | None:
+                # Blocked by `holder`: never another session's backend (the server is shared).
+                return await watcher.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_change(%'"
+                    " AND $1 = ANY(pg_blocking_pids(pid))",
+                    holder.get_server_pid(),
+                )
 
-        monkeypatch.setattr(order_queries, "change_status", change_then_die)
-        r = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
+            pid = await wait_for(waiting_backend)
+            assert await watcher.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await tx.rollback()
+            r = await asyncio.wait_for(cancel, 10)
         assert_unavailable(r)
-        monkeypatch.setattr(order_queries, "change_status", real_change)
         got = await client.get(f"/v1/orders/{order['id']}", headers=auth(customer))
         assert got.json()["status"] == "pending" and got.json()["version"] == 1
+        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 2
         r = await client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer))
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        assert (await client.get(f"/v1/products/{sku}")).json()["stock"] == 3
 
 
 async def test_a_read_whose_connection_dies_is_retried_once(make_settings, database_url, monkeypatch):

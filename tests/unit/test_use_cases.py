@@ -17,13 +17,16 @@ import pytest
 
 from orders.auth import Principal
 from orders.cache import Cache
+from orders.documents import rfc3339
 from orders.domain.status import OrderStatus
 from orders.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReuse,
     InsufficientStock,
+    InvalidTransition,
     NotFound,
     PreconditionFailed,
+    Unavailable,
     UnknownSku,
     ValidationFailed,
 )
@@ -62,7 +65,7 @@ class FakeIdempotency:
 
 
 class FakeOrders:
-    """orders_place() (migration 0007) and CHANGE_SQL in memory: a reservation re-checks
+    """orders_place() (migration 0007) and orders_change() (0008) in memory: a reservation re-checks
     the key, stock and terms on the latest rows, and writes only when it places."""
 
     def __init__(self, catalog: FakeCatalog, idempotency: FakeIdempotency) -> None:
@@ -72,6 +75,7 @@ class FakeOrders:
         self.next_outbox_id = 1
         self.outbox_rows: list[Any] = []  # (kind, topic, payload), as written
         self.before_reservation: Callable[[], None] | None = None  # staff acting meanwhile
+        self.before_change: Callable[[], None] | None = None  # another change committing meanwhile
         self.calls: list[str] = []  # the outcome of each call
 
     def _outbox_ids(self, rows: list[Any]) -> list[int]:
@@ -136,15 +140,28 @@ class FakeOrders:
         return self.rows.get(order_id)
 
     async def get_for_update(self, conn: Any, order_id: UUID) -> dict[str, Any] | None:
-        row = self.rows.get(order_id)
-        return None if row is None else {**row, "now": NOW}
+        return self.rows.get(order_id)
 
     async def owner(self, conn: Any, order_id: UUID) -> str | None:
         row = self.rows.get(order_id)
         return None if row is None else row["customer_id"]
 
-    async def change_status(self, conn: Any, order_id: UUID, *, status: str, release_stock: bool, outbox: list[Any], **kw: Any) -> dict[str, Any]:
-        row = self.rows[order_id]
+    async def change_status(self, conn: Any, order_id: UUID, **kw: Any) -> dict[str, Any]:
+        row = self._change(order_id, **kw)
+        self.calls.append(row["outcome"])
+        return row
+
+    def _change(
+        self, order_id: UUID, *, version: int, status: str, release_stock: bool, outbox: list[Any], **kw: Any
+    ) -> dict[str, Any]:
+        if self.before_change is not None:
+            hook, self.before_change = self.before_change, None
+            hook()
+        row = self.rows.get(order_id)
+        if row is None:
+            return {"outcome": "not_found"}
+        if row["version"] != version:
+            return {"outcome": "stale", **row}
         row.update(status=status, version=row["version"] + 1, updated_at=NOW)
         released = []
         if release_stock:
@@ -153,7 +170,12 @@ class FakeOrders:
                 product["stock"] += item["quantity"]
                 product["version"] += 1
                 released.append([item["sku"], product["version"]])
-        return {"version": row["version"], "updated_at": NOW, "outbox_ids": self._outbox_ids(outbox), "released": released}
+        at = rfc3339(NOW)  # as orders_change() sets the event's time: the order's updated_at
+        rows = [
+            (kind, topic, {**p, "time": at, "data": {**p["data"], "updated_at": at}} if kind == "event" else p)
+            for kind, topic, p in outbox
+        ]
+        return {"outcome": "changed", "version": row["version"], "updated_at": NOW, "outbox_ids": self._outbox_ids(rows), "released": released}
 
 
 class FakeProducts:
@@ -376,6 +398,49 @@ async def test_a_cancel_releases_stock_after_its_commit_and_dispatches_its_rows(
     assert uow.catalog.rows["MUG"]["stock"] == 5
     await uow.dispatch()
     assert uow.relay.dispatched == [1, 2, 3, 4]  # the order's two rows, then the cancel's audit and email
+
+
+async def test_a_change_judged_on_a_version_that_moved_is_judged_again_on_the_latest_row(uow):
+    """Staff cancel between the customer's read and the call: the call writes nothing and
+    answers the latest row, on which the customer's cancel is refused (409)."""
+    placed = await place(uow, "k1", ("MUG", 2))
+    order_id = UUID(placed.order_id)
+    row = uow.orders.rows[order_id]
+    uow.orders.before_change = lambda: row.update(status="cancelled", version=2)
+    uow.cache_written.clear()
+    with pytest.raises(InvalidTransition) as refused:
+        await order_cases.change_status(uow, ALICE, order_id, OrderStatus.CANCELLED, None, None)
+    assert refused.value.extra["current_status"] == "cancelled"
+    assert uow.orders.calls[-1:] == ["stale"] and uow.cache_written == []
+    assert uow.catalog.rows["MUG"]["stock"] == 3  # not released by the refused cancel
+
+
+async def test_a_change_whose_version_moved_is_written_again_from_the_latest_row(uow):
+    placed = await place(uow, "k1", ("MUG", 1))
+    order_id = UUID(placed.order_id)
+    row = uow.orders.rows[order_id]
+    uow.orders.before_change = lambda: row.update(status="paid", version=2)  # a payment meanwhile
+    doc = await order_cases.change_status(uow, STAFF, order_id, OrderStatus.CANCELLED, None, None)
+    assert (doc["status"], doc["version"]) == ("cancelled", 3)
+    assert uow.orders.calls[-2:] == ["stale", "changed"]
+    audit = [payload for kind, _, payload in uow.orders.outbox_rows if kind == "audit"][-1]
+    assert audit["before"] == {"status": "paid", "version": 2}
+
+
+async def test_a_change_that_keeps_losing_is_unavailable_after_bounded_attempts(uow):
+    placed = await place(uow, "k1", ("MUG", 1))
+    order_id = UUID(placed.order_id)
+    row = uow.orders.rows[order_id]
+
+    def another_change() -> None:  # every call finds the order one version further
+        row.update(version=row["version"] + 1)
+        uow.orders.before_change = another_change
+
+    uow.orders.before_change = another_change
+    with pytest.raises(Unavailable):
+        await order_cases.change_status(uow, STAFF, order_id, OrderStatus.CANCELLED, None, None)
+    assert uow.orders.calls[1:] == ["stale"] * order_cases.CHANGE_ATTEMPTS
+    assert row["status"] == "pending"
 
 
 async def test_other_customers_orders_are_not_found(uow):
