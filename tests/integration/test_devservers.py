@@ -19,7 +19,7 @@ from orders.dev import postgres, process
 from orders.dev import redis as dev_redis
 from orders.dev.nats import EmbeddedNats
 from orders.dev.postgres import EmbeddedPostgres
-from orders.dev.process import free_port, listening
+from orders.dev.process import ChildServer, free_port, listening
 from orders.dev.redis import EmbeddedRedis
 from orders.dev.smtp import SmtpSink
 
@@ -101,6 +101,36 @@ def test_leftover_servers_are_replaced(tmp_path: Path) -> None:
     finally:
         for server in (new_pg, new_redis, old_pg, old_redis):
             server.stop()
+
+
+@pytest.mark.parametrize("server_class", [EmbeddedRedis, EmbeddedNats])
+def test_child_server_leftover_is_replaced_and_a_taken_port_is_reported(
+    tmp_path: Path, server_class: type[ChildServer]
+) -> None:
+    old, new = server_class(tmp_path), server_class(tmp_path)
+    try:
+        old.start()
+        old_pid = old.pid
+        assert old_pid is not None and old.pidfile.exists()
+        new.start()  # stops the leftover named by the pid file
+        assert new.pid not in (None, old_pid)
+        assert old.port is not None and not listening(old.port)
+        assert new.port is not None and listening(new.port)
+    finally:
+        new.stop()
+        old.stop()
+    assert not new.pidfile.exists()
+
+    # A port held by someone else: the server's own "address already in use" is told
+    # apart from other start-up failures; the requested port is not swapped for another.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        server = server_class(tmp_path / "taken", taken)
+        with pytest.raises(RuntimeError, match=f"port {taken} already in use"):
+            server.start()
+        assert server.pid is None
 
 
 def test_fallback_binaries_from_python_packages(tmp_path: Path) -> None:
