@@ -206,6 +206,16 @@ async def place(
     )
 
 
+class RecordingRelay:
+    """Stands in for the relay's fast path: records what it is handed."""
+
+    def __init__(self) -> None:
+        self.dispatched: list[int] = []
+
+    def dispatch(self, ids: list[int]) -> None:
+        self.dispatched += ids
+
+
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
     """Poll an async or sync predicate until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout

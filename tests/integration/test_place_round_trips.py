@@ -25,15 +25,7 @@ from orders.ratelimit import RateLimiter
 from orders.schemas import OrderCreate
 from orders.service import orders as use_cases
 from orders.service.unit_of_work import UnitOfWork
-from tests.conftest import auth, make_product, new_key, order_body, place
-
-
-class Relay:
-    def __init__(self) -> None:
-        self.dispatched: list[int] = []
-
-    def dispatch(self, ids: list[int]) -> None:
-        self.dispatched += ids
+from tests.conftest import RecordingRelay, auth, make_product, new_key, order_body, place
 
 
 @pytest.fixture
@@ -67,7 +59,7 @@ async def _logged(statements: list[str]) -> list[str]:
 async def test_a_new_order_and_its_replay_are_one_statement_each_without_begin_or_commit(client, one_connection, db):
     pool, statements = one_connection
     res = client.app.state.res
-    relay = Relay()
+    relay = RecordingRelay()
     uow = UnitOfWork(pool, res.cache, relay, 5.0)
     limiter = RateLimiter(res.cache, 0)
     a, b = await make_product(client, stock=10), await make_product(client, stock=10)
@@ -105,7 +97,7 @@ async def test_a_new_order_and_its_replay_are_one_statement_each_without_begin_o
 async def test_a_cancel_and_staff_changes_are_one_statement_each_with_a_warm_cache(client, one_connection, db):
     pool, statements = one_connection
     res = client.app.state.res
-    relay = Relay()
+    relay = RecordingRelay()
     uow = UnitOfWork(pool, res.cache, relay, 5.0, events=True)
     limiter = RateLimiter(res.cache, 0)
     sku = await make_product(client, stock=10)
@@ -172,7 +164,7 @@ async def test_a_change_judged_on_a_stale_cache_is_judged_again_on_the_row_the_c
     on the row first."""
     pool, statements = one_connection
     res = client.app.state.res
-    uow = UnitOfWork(pool, res.cache, Relay(), 5.0)
+    uow = UnitOfWork(pool, res.cache, RecordingRelay(), 5.0)
     limiter = RateLimiter(res.cache, 0)
     sku = await make_product(client, stock=10)
     customer = Principal("cust-rt-stale", is_admin=False)

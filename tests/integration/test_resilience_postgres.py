@@ -162,6 +162,17 @@ async def _kill_backend_of(conn: asyncpg.Connection, admin_dsn: str) -> None:
     await asyncio.sleep(0.2)  # let the FATAL and the close arrive
 
 
+async def _blocked_by(holder: asyncpg.Connection, watcher: asyncpg.Connection, call: str) -> int | None:
+    """The backend waiting for a lock of `holder` in a statement that makes `call` (seen
+    by `watcher`); never another session's backend: the server is shared."""
+    return await watcher.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND strpos(query, $2) > 0"
+        " AND $1 = ANY(pg_blocking_pids(pid))",
+        holder.get_server_pid(),
+        call,
+    )
+
+
 async def test_connection_dying_during_the_placement_is_503_and_commits_nothing(make_settings, database_url, db):
     """The server ends the connection while orders_place() runs (waiting for a product row
     another transaction holds): 503 (not 500), nothing written, and a retry behind the
@@ -176,15 +187,7 @@ async def test_connection_dying_during_the_placement_is_503_and_commits_nothing(
             await holder.execute("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE", sku)
             order = asyncio.create_task(place(client, customer, (sku, 2), key=key))
 
-            async def waiting_backend() -> int | None:
-                # Blocked by `holder`: never another session's backend (the server is shared).
-                return await watcher.fetchval(
-                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_place(%'"
-                    " AND $1 = ANY(pg_blocking_pids(pid))",
-                    holder.get_server_pid(),
-                )
-
-            pid = await wait_for(waiting_backend)
+            pid = await wait_for(lambda: _blocked_by(holder, watcher, "orders_place("))
             assert await watcher.fetchval("SELECT pg_terminate_backend($1)", pid)
             await tx.rollback()
             r = await asyncio.wait_for(order, 10)
@@ -230,15 +233,7 @@ async def test_connection_dying_in_a_status_change_is_503_and_writes_nothing(mak
             await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order["id"])
             cancel = asyncio.create_task(client.post(f"/v1/orders/{order['id']}/cancel", headers=auth(customer)))
 
-            async def waiting_backend() -> int | None:
-                # Blocked by `holder`: never another session's backend (the server is shared).
-                return await watcher.fetchval(
-                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%orders_change(%'"
-                    " AND $1 = ANY(pg_blocking_pids(pid))",
-                    holder.get_server_pid(),
-                )
-
-            pid = await wait_for(waiting_backend)
+            pid = await wait_for(lambda: _blocked_by(holder, watcher, "orders_change("))
             assert await watcher.fetchval("SELECT pg_terminate_backend($1)", pid)
             await tx.rollback()
             r = await asyncio.wait_for(cancel, 10)

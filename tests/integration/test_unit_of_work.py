@@ -10,23 +10,14 @@ import pytest
 
 from orders.errors import Unavailable
 from orders.service.unit_of_work import UnitOfWork
+from tests.conftest import RecordingRelay
 from tests.integration.test_resilience_postgres import _kill_backend_of
 
 
-class Relay:
-    """Stands in for the relay's fast path: records what it is handed."""
-
-    def __init__(self) -> None:
-        self.dispatched: list[int] = []
-
-    def dispatch(self, ids: list[int]) -> None:
-        self.dispatched += ids
-
-
 @pytest.fixture
-def uow_parts(client: Any) -> tuple[Any, Relay, UnitOfWork]:
+def uow_parts(client: Any) -> tuple[Any, RecordingRelay, UnitOfWork]:
     res = client.app.state.res
-    relay = Relay()
+    relay = RecordingRelay()
     return res, relay, UnitOfWork(res.pool, res.cache, relay, res.settings.db_acquire_timeout_s)
 
 
