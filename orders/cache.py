@@ -222,6 +222,22 @@ class Cache:
         _HIT.inc()
         return orjson.loads(payload)
 
+    async def peek(self, key: str) -> bytes | None:
+        """The entry as Redis holds it ("<version>|<json>", or a tombstone "<version>|"),
+        for the fast GET (orders/api/fast_get.py): None wherever get() would not trust Redis
+        (no cache, a replay under way, the breaker not closed), when Redis fails (the
+        breaker counts it, as for get()) or holds nothing. Counts no hit or miss: the
+        caller counts the hit it serves, and the route's get() whatever it does not."""
+        if self.redis is None or self._replaying or not self.breaker.closed:
+            return None
+        redis = self.redis
+        ok, raw = await self.call(lambda: redis.get(key))
+        return raw if ok else None
+
+    @staticmethod
+    def count_hit() -> None:
+        _HIT.inc()
+
     async def get_or_load(
         self, key: str, load: Callable[[], Awaitable[tuple[int, dict[str, Any]] | None]]
     ) -> dict[str, Any] | None:
