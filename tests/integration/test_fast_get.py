@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from orders.cache import order_key
+from orders import cache as cache_module
+from orders.cache import Cache, order_key
 from orders.dev.process import free_port
+from orders.dev.redis import EmbeddedRedis
 from orders.service import orders as use_cases
 from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, token
 from tests.server import ServerProcess
@@ -263,3 +265,54 @@ def test_the_access_log_line_is_the_routes(base_env: dict[str, str], tmp_path: P
     ignored = {"request_id", "duration_ms", "timestamp"}
     assert {k: v for k, v in fast.items() if k not in ignored} == {k: v for k, v in route.items() if k not in ignored}
     assert fast["route"] == ROUTE and fast["customer_id"] == "cust-fast-log"
+
+
+# ------------------------------------------------- the fast read's own Redis connections
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_peek_survives_a_redis_restart_between_reads(make_settings, private_redis):
+    """The idle connections of Cache.peek die with a restart: the next read replaces them,
+    answers, and does not open the breaker (a stale socket is no Redis outage)."""
+    cache = Cache.connect(make_settings(redis_url=private_redis.url, cache_prefix=f"fast-{secrets.token_hex(4)}:"))
+    try:
+        key = cache.prefix + "restart"
+        assert await cache.store(key, 1, {"v": 1})
+        assert await asyncio.gather(*(cache.peek(key) for _ in range(3))) == [b'1|{"v":1}'] * 3
+        assert len(cache._direct_idle) >= 1
+        private_redis.kill()
+        private_redis.start()
+        other = aioredis.Redis.from_url(private_redis.url, socket_timeout=2)
+        await other.set(key, b'2|{"v":2}')
+        await other.aclose()
+        assert await cache.peek(key) == b'2|{"v":2}'
+        assert cache.breaker.closed
+        assert cache._direct_open == len(cache._direct_idle) == 1
+    finally:
+        await cache.close()
+
+
+async def test_peek_opens_at_most_its_share_of_connections(make_settings, redis_url, monkeypatch):
+    """Many reads at once: at most DIRECT_CONNECTIONS of the fast read's own, the rest through
+    redis-py's pool; every read answers, and each own connection is back, idle, afterwards."""
+    monkeypatch.setattr(cache_module, "DIRECT_CONNECTIONS", 4)
+    cache = Cache.connect(make_settings(cache_prefix=f"fast-{secrets.token_hex(4)}:"))
+    try:
+        key = cache.prefix + "many"
+        assert await cache.store(key, 3, {"v": 3})
+        got = await asyncio.gather(*(cache.peek(key) for _ in range(40)))
+        assert got == [b'3|{"v":3}'] * 40
+        assert cache._direct_open == len(cache._direct_idle) <= 4
+        assert cache._direct_open >= 1
+    finally:
+        await cache.close()
+    assert cache._direct_idle == []
