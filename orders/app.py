@@ -18,6 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from orders import tracing
 from orders.api import admin, docs, health, orders, payments, products
+from orders.api.fast_get import FastGet
 from orders.api.openapi import add_schemas
 from orders.api.problems import install_handlers, internal_error
 from orders.cors import ProblemCORSMiddleware
@@ -145,7 +146,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
-    app.add_middleware(RequestContext, max_bytes=settings.max_body_bytes, on_error=on_error)
+    # Not with tracing on: the route's span and its Redis span are what a trace is for.
+    fast_path = None
+    if settings.fast_get and not tracing.wanted():
+        route = next(r for r in app.router.routes if getattr(r, "endpoint", None) is orders.get_order)
+        fast_path = FastGet(route, cors=bool(settings.cors_origin_list))
+    app.add_middleware(RequestContext, max_bytes=settings.max_body_bytes, on_error=on_error, fast_path=fast_path)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

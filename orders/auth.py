@@ -35,13 +35,19 @@ class TokenVerifier:
         # (see _still_valid). Only valid tokens are kept; bounded, oldest out first.
         self._verified: dict[str, tuple[Principal, int, int | None, int | None]] = {}
 
+    def known(self, authorization: str | None) -> Principal | None:
+        """The caller when `authorization` is a bearer token verified before and still
+        valid; None otherwise (no token, a bad one, or one never seen): verify() decides."""
+        token = _bearer(authorization)
+        hit = None if token is None else self._verified.get(token)
+        if hit is not None and _still_valid(hit[1], hit[2], hit[3]):
+            return hit[0]
+        return None
+
     def verify(self, authorization: str | None) -> Principal:
-        if not authorization:
+        token = _bearer(authorization)
+        if token is None:
             raise Unauthorized()
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized()
-        token = token.strip()
         hit = self._verified.get(token)
         if hit is not None and _still_valid(hit[1], hit[2], hit[3]):
             return hit[0]
@@ -76,6 +82,17 @@ class TokenVerifier:
 
 
 VERIFIED_CACHE_SIZE = 8192
+
+
+def _bearer(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None for anything else."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
 
 
 def _still_valid(exp: int, nbf: int | None, iat: int | None) -> bool:

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
@@ -73,6 +75,17 @@ def order_key(prefix: str, order_id: Any) -> str:
 
 def product_key(prefix: str, sku: str) -> str:
     return f"{prefix}product:{sku}"
+
+
+# Connections of the fast read's own (Cache.peek), at most; past them it waits for none and
+# takes redis-py's pool.
+DIRECT_CONNECTIONS = 64
+
+
+def _get_command(key: str) -> bytes:
+    """GET `key` in the Redis protocol."""
+    k = key.encode()
+    return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(k), k)
 
 
 # The two children, once: labels() validates and locks on every call.
@@ -130,6 +143,9 @@ class Cache:
         self._replaying = False
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._direct_idle: list[AbstractConnection] = []
+        self._direct_open = 0
+        self._closed = False
 
     @classmethod
     def connect(cls, settings: Settings, invalidations: InvalidationLog | None = None) -> Cache:
@@ -154,6 +170,10 @@ class Cache:
         return self.redis is not None
 
     async def close(self) -> None:
+        self._closed = True
+        for conn in self._direct_idle:
+            await conn.disconnect()
+        self._direct_idle.clear()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -221,6 +241,60 @@ class Cache:
             return None
         _HIT.inc()
         return orjson.loads(payload)
+
+    async def peek(self, key: str) -> bytes | None:
+        """The entry as Redis holds it ("<version>|<json>", or a tombstone "<version>|"),
+        for the fast GET (orders/api/fast_get.py): None wherever get() would not trust Redis
+        (no cache, a replay under way, the breaker not closed), when Redis fails (the
+        breaker counts it, as for get()) or holds nothing. Counts no hit or miss: the
+        caller counts the hit it serves, and the route's get() whatever it does not."""
+        if self.redis is None or self._replaying or not self.breaker.closed:
+            return None
+        ok, raw = await self.call(lambda: self._direct_get(key))
+        return raw if ok else None
+
+    async def _direct_get(self, key: str) -> bytes | None:
+        """GET on a connection of the fast read's own: redis-py's command path (its retry
+        wrapper, the pool's lock, health and "has data" checks, observability hooks) was
+        most of a cached read's Redis cost. A connection goes back to the idle list only
+        after a whole reply was read; an error, a timeout or a cancellation drops it. A
+        connection that died while idle (Redis restarted) is replaced once, not a failure."""
+        assert self.redis is not None
+        for attempt in (1, 2):
+            reused = attempt == 1 and bool(self._direct_idle)
+            if reused:
+                conn = self._direct_idle.pop()
+            elif self._direct_open < DIRECT_CONNECTIONS:
+                conn = self.redis.connection_pool.make_connection()
+                self._direct_open += 1
+            else:
+                value: bytes | None = await self.redis.get(key)
+                return value
+            done = False
+            try:
+                await conn.send_packed_command(_get_command(key), check_health=False)  # connects a new one
+                value = await conn.read_response()
+                done = True
+                return value
+            except (RedisConnectionError, OSError):
+                if not reused:
+                    raise
+            finally:
+                if done and not self._closed:
+                    self._direct_idle.append(conn)
+                else:
+                    self._direct_open -= 1
+                    await conn.disconnect(nowait=True)
+            # Redis went away since the last read: the other idle connections are as dead.
+            stale, self._direct_idle = self._direct_idle, []
+            self._direct_open -= len(stale)
+            for old in stale:
+                await old.disconnect(nowait=True)
+        raise AssertionError("unreachable: the second attempt uses a new connection")
+
+    @staticmethod
+    def count_hit() -> None:
+        _HIT.inc()
 
     async def get_or_load(
         self, key: str, load: Callable[[], Awaitable[tuple[int, dict[str, Any]] | None]]

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -293,12 +293,22 @@ class RequestContext(HttpMiddleware):
     each layer is a call and a send wrapper more on every request (docs/PERFORMANCE.md).
 
     Without `on_error` (when CORS sits in between, so that the 500 carries its headers),
-    app.py puts orders.app.CatchAll inside CORS instead."""
+    app.py puts orders.app.CatchAll inside CORS instead.
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_error: Callable[[], ASGIApp] | None = None) -> None:
+    `fast_path` (orders/api/fast_get.py) may answer a request before the app sees it, with
+    the same request id, metrics and log line; what it does not answer goes to the app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        on_error: Callable[[], ASGIApp] | None = None,
+        fast_path: Callable[[Scope, Send], Awaitable[bool]] | None = None,
+    ) -> None:
         super().__init__(app)
         self.max_bytes = max_bytes
         self.on_error = on_error
+        self.fast_path = fast_path
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = None
@@ -324,7 +334,8 @@ class RequestContext(HttpMiddleware):
             await send(message)
 
         try:
-            await self.app(scope, limited_receive(scope, receive, self.max_bytes), send_with_id)
+            if self.fast_path is None or not await self.fast_path(scope, send_with_id):
+                await self.app(scope, limited_receive(scope, receive, self.max_bytes), send_with_id)
         except ClientDisconnect:
             # The client went away while its body was being read: no server error, and
             # no answer (counted as 499 below).

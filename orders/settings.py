@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(0.25, gt=0, le=10)
     cache_ttl_s: int = Field(300, ge=1)
     cache_prefix: str = "orders:"
+    # The cached GET of one order answered below FastAPI (orders/api/fast_get.py); false:
+    # every request goes through the route (an A/B, or to rule the fast path out).
+    fast_get: bool = True
 
     smtp_host: str = "localhost"
     smtp_port: int = Field(1025, ge=1, le=65535)

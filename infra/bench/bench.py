@@ -41,7 +41,8 @@ Environment knobs: BENCH_DURATION (s, default 15), BENCH_WARMUP (s, 3), BENCH_CO
 (64), BENCH_WORKERS ("1 2"), BENCH_POOL_MAX (per worker, default 40: 2 workers x 40 = 80 stay
 far under max_connections=100), BENCH_PROFILE=1 (py-spy on a worker during an extra
 order run: infra/bench/results/<stamp>/profile-*.txt and its summary), BENCH_PACE_SHARE,
-BENCH_PHASES (a subset of "create get bare row pgbench", for quick iterations),
+BENCH_PHASES (a subset of "create get bare row pgbench", for quick iterations; "getroute"
+adds the cached GET with ORDERS_FAST_GET=false, the A of the fast path's A/B),
 BENCH_SINK (postfix, or python), BENCH_PLAIN_HTTP=1 (the service without the HTTP guards of
 orders.http_protocol, for their A/B), BENCH_PG_ADMIN_DSN, BENCH_REDIS_URL.
 
@@ -1051,6 +1052,17 @@ def main() -> int:
             run["rss_end_mib"] = srv.rss_mib()
             results["emails"][tag] = check_emails(sink, dsn, tag)
             srv.stop()
+            if "getroute" in PHASES:
+                # The A of the fast GET's A/B: the same reads, every one through the route.
+                slow = Server(
+                    f"orders-{tag}-route", SERVE_ARGV, {**env, "ORDERS_FAST_GET": "false"}, workers, out, "/readyz"
+                ).start()
+                servers.append(slow)
+                slow_parts = {"service": lambda s=slow: tree_cpu(s.proc.pid) if s.proc else 0.0, **machine}
+                run_wrk(wrk, "get_order.lua", slow.url, WARMUP, wrk_env)
+                run["getroute"] = run_wrk(wrk, "get_order.lua", slow.url, DURATION, wrk_env, slow_parts)
+                log(f"{tag}: cached GET through the route (ORDERS_FAST_GET=false) {run['getroute']['rps']:.0f}/s")
+                slow.stop()
             if PHASES & {"bare", "row"}:
                 bare = Server(
                     f"bare-{tag}",
@@ -1111,6 +1123,7 @@ def print_table(results: dict[str, Any]) -> None:
         "create": "POST /v1/orders",
         "paced": f"POST /v1/orders at {PACE_SHARE:.0%} of sustained",
         "get": "GET /v1/orders/{id} cached",
+        "getroute": "GET /v1/orders/{id} cached, route only",
         "bare": "bare FastAPI GET",
         "row": "bare FastAPI one-row asyncpg read",
     }
@@ -1156,6 +1169,8 @@ def print_table(results: dict[str, Any]) -> None:
             parts.append(f"cached GET/bare = {r['get']['rps'] / r['bare']['rps']:.2f}")
         if "get" in r and "row" in r:
             parts.append(f"cached GET/one-row asyncpg read = {r['get']['rps'] / r['row']['rps']:.2f}")
+        if "getroute" in r and "bare" in r:
+            parts.append(f"route-only GET/bare = {r['getroute']['rps'] / r['bare']['rps']:.2f}")
         parts.append(f"worker RSS MiB start {r['rss_start_mib']} -> end {r['rss_end_mib']}")
         print(f"{tag}: " + "   ".join(parts))
     for tag, e in results["emails"].items():

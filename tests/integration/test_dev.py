@@ -63,6 +63,8 @@ async def _stream_subjects(url: str) -> list[str]:
             info = await js.stream_info("ORDERS")
         except nats.js.errors.NotFoundError:  # made at the first publish
             return []
+        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
+            return []
         return [(await js.get_msg("ORDERS", seq)).subject for seq in range(info.state.first_seq, info.state.last_seq + 1)]
     finally:
         await nc.close()

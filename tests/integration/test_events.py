@@ -57,6 +57,8 @@ async def stream_messages(url: str) -> list[dict[str, Any]]:
         except nats.js.errors.NotFoundError:
             return []
         out = []
+        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
+            return out
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(STREAM, seq)
             out.append({"subject": msg.subject, "msg_id": (msg.headers or {}).get("Nats-Msg-Id"),
