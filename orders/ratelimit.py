@@ -1,7 +1,8 @@
 """Per-customer limit of order creations: a fixed one-minute window in Redis.
 
 One counter per customer and minute (`<prefix>rl:<minute>:<customer>`, INCR + EXPIRE in
-one round trip), shared by all replicas; customers never share a counter. The service
+one round trip: one EVALSHA of a short script, far less client CPU than a redis-py
+pipeline), shared by all replicas; customers never share a counter. The service
 calls `check()` once a creation has passed validation (replays included, docs/API.md), so a
 malformed request never uses up the customer's allowance.
 
@@ -18,6 +19,12 @@ from orders.cache import Cache
 from orders.errors import RateLimited
 
 WINDOW_S = 60
+# KEYS[1]: the counter; ARGV[1]: its lifetime. Atomic on the server, as INCR + EXPIRE were.
+INCR_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return count
+"""
 
 
 class RateLimiter:
@@ -25,22 +32,20 @@ class RateLimiter:
         self.cache = cache
         self.per_minute = per_minute
         self.clock: Callable[[], float] = time.time  # wall clock: windows are shared by replicas
+        # EVALSHA, and SCRIPT LOAD again after a NOSCRIPT (a restarted or failed-over Redis).
+        self._incr = None if cache.redis is None else cache.redis.register_script(INCR_SCRIPT)
 
     async def check(self, customer_id: str) -> None:
         """Counts one creation; raises RateLimited past the limit."""
-        redis = self.cache.redis
-        if self.per_minute <= 0 or redis is None:
+        incr_script = self._incr
+        if self.per_minute <= 0 or incr_script is None:
             return
         now = self.clock()
         window = int(now // WINDOW_S)
         key = f"{self.cache.prefix}rl:{window}:{customer_id}"
 
         async def incr() -> int:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, WINDOW_S + 5)
-                count, _ = await pipe.execute()
-            return int(count)
+            return int(await incr_script(keys=[key], args=[WINDOW_S + 5]))
 
         ok, count = await self.cache.call(incr)
         if ok and count is not None and count > self.per_minute:

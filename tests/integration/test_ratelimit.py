@@ -49,6 +49,11 @@ async def test_the_sixth_order_in_a_minute_is_429_for_that_customer_only(limited
         assert r.status_code == 201, r.text
     sixth = await place(limited, me, (sku, 1))
     assert_rate_limited(sixth)
+    # The counter is this minute's and expires (INCR and EXPIRE in one script).
+    cache = limited.app.state.res.cache
+    (counter,) = [k async for k in cache.redis.scan_iter(f"{cache.prefix}rl:*:{me}")]
+    assert int(await cache.redis.get(counter)) == LIMIT + 1
+    assert 0 < await cache.redis.ttl(counter) <= 65
     # Nothing was created or reserved by the refused request.
     assert (await limited.get(f"/v1/products/{sku}")).json()["stock"] == 100 - LIMIT
     listed = (await limited.get("/v1/orders", headers=auth(me))).json()["items"]
