@@ -153,6 +153,9 @@ async def test_fail_open_when_redis_is_down(make_settings, tmp_path: Path):
             sku = await make_product(client, stock=100)
             me = _customer("cust-rl-down")
             await _wait_limited_again(client, me, sku)  # the limit applies
+            # A Redis that lost its scripts (this test's own server): NOSCRIPT, loaded again.
+            await client.app.state.res.cache.redis.script_flush()
+            assert_rate_limited(await place(client, me, (sku, 1)))
             server.kill()
             statuses = [(await place(client, me, (sku, 1))).status_code for _ in range(6)]
             assert statuses == [201] * 6
