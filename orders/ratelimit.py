@@ -1,7 +1,8 @@
 """Per-customer limit of order creations: a fixed one-minute window in Redis.
 
 One counter per customer and minute (`<prefix>rl:<minute>:<customer>`, INCR + EXPIRE in
-one round trip), shared by all replicas; customers never share a counter. The service
+one round trip: one EVALSHA of a short script, far less client CPU than a redis-py
+pipeline), shared by all replicas; customers never share a counter. The service
 calls `check()` once a creation has passed validation (replays included, docs/API.md), so a
 malformed request never uses up the customer's allowance.
 
@@ -11,13 +12,23 @@ circuit open, every request passes.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
+
+from redis.exceptions import NoScriptError
 
 from orders.cache import Cache
 from orders.errors import RateLimited
 
 WINDOW_S = 60
+# KEYS[1]: the counter; ARGV[1]: its lifetime. Atomic on the server, as INCR + EXPIRE were.
+INCR_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return count
+"""
+INCR_SHA = hashlib.sha1(INCR_SCRIPT.encode()).hexdigest()
 
 
 class RateLimiter:
@@ -36,10 +47,12 @@ class RateLimiter:
         key = f"{self.cache.prefix}rl:{window}:{customer_id}"
 
         async def incr() -> int:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, WINDOW_S + 5)
-                count, _ = await pipe.execute()
+            # execute_command: redis-py's Script and evalsha() layers cost more than the call.
+            try:
+                count = await redis.execute_command("EVALSHA", INCR_SHA, 1, key, WINDOW_S + 5)
+            except NoScriptError:  # a Redis that restarted or failed over: load it again
+                await redis.script_load(INCR_SCRIPT)
+                count = await redis.execute_command("EVALSHA", INCR_SHA, 1, key, WINDOW_S + 5)
             return int(count)
 
         ok, count = await self.cache.call(incr)

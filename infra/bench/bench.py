@@ -633,7 +633,8 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
         },
     )
     tx = f"{head}\n{place};\n"
-    claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease"})
+    # $3: order events off, as the bench's service runs (no ORDERS_NATS_URL).
+    claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease", 3: "false"})
     # The service marks rows sent in batches (many orders per statement under load);
     # here, per order, as the unbatched worst case.
     email_sent = _sub(outbox.EMAIL_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[1]]"})

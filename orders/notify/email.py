@@ -8,13 +8,13 @@ costs at most ORDERS_SMTP_TIMEOUT_S.
 from __future__ import annotations
 
 import asyncio
+import base64
 import html
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.utils import formatdate
 from importlib import resources
 from string import Template
@@ -69,9 +69,27 @@ class Outgoing:
     data: bytes
 
 
+def _part(content_type: str, text: str) -> bytes:
+    """One body part: UTF-8, base64 in lines of 76 characters (RFC 2045), as compat32's
+    MIMEText(text, subtype, "utf-8") writes it."""
+    return (
+        b"Content-Type: " + content_type.encode() + b'; charset="utf-8"\n'
+        b"MIME-Version: 1.0\nContent-Transfer-Encoding: base64\n\n" + base64.encodebytes(text.encode())
+    )
+
+
+def _header(name: str, value: str) -> bytes:
+    # Values are ASCII and short (no folding needed); a line break would let a value
+    # add headers of its own: a permanent failure of the row, never a message.
+    if "\r" in value or "\n" in value or not value.isascii():
+        raise ValueError(f"the {name} header cannot carry {value!r}")
+    return f"{name}: {value}\n".encode()
+
+
 def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
-    """multipart/alternative, plain text and HTML. Built with the compat32 MIME classes,
-    far cheaper per message than the `email` package's default policy (docs/PERFORMANCE.md)."""
+    """multipart/alternative, plain text and HTML, written byte for byte as the `email`
+    package's compat32 generator writes it, without building its object tree: a tenth
+    of the CPU (docs/PERFORMANCE.md). aiosmtplib turns the line ends into CRLF."""
     order, event = payload["order"], payload["event"]
     currency = order["currency"]
     lines = "\n".join(
@@ -92,21 +110,27 @@ def render(payload: dict[str, Any], mail_from: str) -> Outgoing:
         for i in order["items"]
     )
     to = ascii_address(payload["to"])
-    msg = MIMEMultipart("alternative")
-    msg["From"] = mail_from
-    msg["To"] = to
-    msg["Subject"] = SUBJECTS[event].format(short=order["id"][:8])  # ASCII by construction
-    msg["Message-ID"] = payload["message_id"]
-    msg["Date"] = formatdate(usegmt=True)
-    msg.attach(MIMEText(_TEXT[event].substitute(values), "plain", "utf-8"))
-    msg.attach(
-        MIMEText(
-            _HTML.substitute(intro=INTROS[event], rows=rows, total=html.escape(total), order_id=order["id"]),
-            "html",
-            "utf-8",
+    # Base64 lines never contain "-", so no body line can be taken for the boundary.
+    boundary = b"=_" + secrets.token_hex(16).encode()
+    data = b"".join(
+        (
+            b'Content-Type: multipart/alternative;\n boundary="' + boundary + b'"\nMIME-Version: 1.0\n',
+            _header("From", mail_from),
+            _header("To", to),
+            _header("Subject", SUBJECTS[event].format(short=order["id"][:8])),
+            _header("Message-ID", payload["message_id"]),
+            _header("Date", formatdate(usegmt=True)),
+            b"\n--" + boundary + b"\n",
+            _part("text/plain", _TEXT[event].substitute(values)),
+            b"\n--" + boundary + b"\n",
+            _part(
+                "text/html",
+                _HTML.substitute(intro=INTROS[event], rows=rows, total=html.escape(total), order_id=order["id"]),
+            ),
+            b"\n--" + boundary + b"--\n",
         )
     )
-    return Outgoing(sender=mail_from, to=to, data=msg.as_bytes())
+    return Outgoing(sender=mail_from, to=to, data=data)
 
 
 class Mailer:

@@ -49,6 +49,11 @@ async def test_the_sixth_order_in_a_minute_is_429_for_that_customer_only(limited
         assert r.status_code == 201, r.text
     sixth = await place(limited, me, (sku, 1))
     assert_rate_limited(sixth)
+    # The counter is this minute's and expires (INCR and EXPIRE in one script).
+    cache = limited.app.state.res.cache
+    (counter,) = [k async for k in cache.redis.scan_iter(f"{cache.prefix}rl:*:{me}")]
+    assert int(await cache.redis.get(counter)) == LIMIT + 1
+    assert 0 < await cache.redis.ttl(counter) <= 65
     # Nothing was created or reserved by the refused request.
     assert (await limited.get(f"/v1/products/{sku}")).json()["stock"] == 100 - LIMIT
     listed = (await limited.get("/v1/orders", headers=auth(me))).json()["items"]
@@ -148,6 +153,9 @@ async def test_fail_open_when_redis_is_down(make_settings, tmp_path: Path):
             sku = await make_product(client, stock=100)
             me = _customer("cust-rl-down")
             await _wait_limited_again(client, me, sku)  # the limit applies
+            # A Redis that lost its scripts (this test's own server): NOSCRIPT, loaded again.
+            await client.app.state.res.cache.redis.script_flush()
+            assert_rate_limited(await place(client, me, (sku, 1)))
             server.kill()
             statuses = [(await place(client, me, (sku, 1))).status_code for _ in range(6)]
             assert statuses == [201] * 6
