@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     def _refuse_unsafe(self) -> Settings:
         if self.db_pool_min > self.db_pool_max:
             raise ValueError("ORDERS_DB_POOL_MIN must not exceed ORDERS_DB_POOL_MAX")
+        # It is written into every email's From header as it is (orders/notify/email.py).
+        if not self.mail_from.isascii() or not self.mail_from.isprintable() or "@" not in self.mail_from:
+            raise ValueError("ORDERS_MAIL_FROM must be one line of printable ASCII with an address")
         if self.dev:
             return self
         if self.database_url is None:

@@ -183,3 +183,10 @@ def test_the_hand_built_email_is_what_the_email_package_writes_and_refuses_heade
         render(payload, "orders@example.com\nBcc: someone@example.net")
     with pytest.raises(ValueError):
         render({**payload, "message_id": "<x@orders>\r\nBcc: someone@example.net"}, "orders@example.com")
+
+
+@pytest.mark.parametrize("value", ["Bücher <orders@example.com>", "orders@example.com\nBcc: x@example.com", "orders"])
+def test_a_from_address_the_emails_cannot_carry_is_refused_at_start(value):
+    with pytest.raises(ValidationError, match="ORDERS_MAIL_FROM"):
+        Settings(dev=True, mail_from=value)
+    assert Settings(dev=True, mail_from="Shop <orders@example.com>").mail_from == "Shop <orders@example.com>"
