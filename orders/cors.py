@@ -7,7 +7,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from orders.api.problems import PROBLEM_BASE, problem_response
+from orders.api.problems import problem, problem_response
 
 
 class ProblemCORSMiddleware(CORSMiddleware):
@@ -15,11 +15,7 @@ class ProblemCORSMiddleware(CORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code < 400:
             return response
-        body = {
-            "type": PROBLEM_BASE + "bad-request",
-            "title": "Bad request",
-            "status": response.status_code,
-            "detail": bytes(response.body).decode(),  # "Disallowed CORS origin, headers"
-        }
+        # detail: Starlette's text, e.g. "Disallowed CORS origin, headers"
+        body = problem(response.status_code, "bad-request", "Bad request", bytes(response.body).decode())
         headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
         return problem_response(response.status_code, body, headers)

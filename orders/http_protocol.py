@@ -32,7 +32,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
 
-from orders.api.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
+from orders.api.problems import PROBLEM_MEDIA_TYPE, problem
 from orders.observability import HTTP_GUARDED, Throttled
 from orders.settings import Settings
 
@@ -76,7 +76,7 @@ class Config(uvicorn.Config):
 
 def _answer(reason: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     status, slug, title, detail = ANSWERS[reason]
-    body = orjson.dumps({"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail})
+    body = orjson.dumps(problem(status, slug, title, detail))
     head = [STATUS_LINE[status]]
     for name, value in [
         *default_headers,

@@ -64,13 +64,18 @@ def problem_type(exc: errors.OrdersError) -> ProblemType:
     return INTERNAL
 
 
+def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """The one shape of every problem document the service answers."""
+    return {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail, **extra}
+
+
 def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def error_response(exc: errors.OrdersError) -> Response:
     status, slug, title = problem_type(exc)
-    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": exc.detail, **exc.extra}
+    body = problem(status, slug, title, exc.detail, **exc.extra)
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
@@ -114,7 +119,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         slug, title = _GENERIC.get(exc.status_code, ("error", "Error"))
-        body = {"type": PROBLEM_BASE + slug, "title": title, "status": exc.status_code, "detail": title}
+        body = problem(exc.status_code, slug, title, title)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # RFC 9110: every method of the resource, not only those of the first route
