@@ -28,7 +28,7 @@ from orders.app import create_app
 from orders.auth import mint
 from orders.db.pool import init_connection
 from orders.dev.postgres import fresh_database, server_dsn
-from orders.dev.redis import server_url
+from orders.dev.redis import EmbeddedRedis, server_url
 from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
 
@@ -61,6 +61,13 @@ def isolated_db(pg_admin_dsn: str) -> Iterator[str]:
     session's app (other SMTP targets, several instances, crashes)."""
     with fresh_database(pg_admin_dsn, "orders_iso") as url:
         yield url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own, for faults (pause, kill, restart) no other test may see."""
+    with EmbeddedRedis(tmp_path) as server:
+        yield server  # stop() also resumes a paused server first
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from prometheus_client import REGISTRY
 from orders import cache as cache_module
 from orders.cache import Cache, order_key
 from orders.dev.process import free_port
-from orders.dev.redis import EmbeddedRedis
 from orders.service import orders as use_cases
 from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, token
 from tests.server import ServerProcess
@@ -268,16 +267,6 @@ def test_the_access_log_line_is_the_routes(base_env: dict[str, str], tmp_path: P
 
 
 # ------------------------------------------------- the fast read's own Redis connections
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_peek_survives_a_redis_restart_between_reads(make_settings, private_redis):

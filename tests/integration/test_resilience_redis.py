@@ -13,8 +13,7 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,7 +22,6 @@ import redis.asyncio as aioredis
 from orders.cache import Cache, CircuitBreaker, order_key, product_key
 from orders.db import orders as order_queries
 from orders.db import products as product_queries
-from orders.dev.redis import EmbeddedRedis
 from tests.conftest import auth, make_product, place, running_app, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,16 +33,6 @@ async def _redis_ok(client) -> bool:
     """Readiness reports Redis up again."""
     r = await client.get("/readyz")
     return r.status_code == 200 and r.json()["redis"] == "ok"
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()  # also resumes a paused server first
 
 
 def _prefix() -> str:
