@@ -44,7 +44,17 @@ order run: infra/bench/results/<stamp>/profile-*.txt and its summary), BENCH_PAC
 BENCH_PHASES (a subset of "create get bare row pgbench", for quick iterations; "getroute"
 adds the cached GET with ORDERS_FAST_GET=false, the A of the fast path's A/B),
 BENCH_SINK (postfix, or python), BENCH_PLAIN_HTTP=1 (the service without the HTTP guards of
-orders.http_protocol, for their A/B), BENCH_PG_ADMIN_DSN, BENCH_REDIS_URL.
+orders.http_protocol, for their A/B), BENCH_EVENTS=1 (order events on: a nats-server of the
+bench's own, see below), BENCH_PG_ADMIN_DSN, BENCH_REDIS_URL.
+
+BENCH_EVENTS=1 prices the order events (docs/API.md, "Order events"): the bench starts a
+nats-server with JetStream of its own (orders.dev.nats.EmbeddedNats: a free port of
+127.0.0.1, its store under results/<stamp>/tmp/, deleted at the end; never the machine's
+NATS) and gives the service its ORDERS_NATS_URL, so each order also writes an outbox row of
+kind 'event' that the service publishes; pgbench's scripts write that row too and claim and
+mark it sent as the service does; the CPU table gains a nats-server column; and the check
+after each worker count's runs also compares the stream's messages with the event rows the
+outbox marked sent (equal, none pending).
 
 wrk, PostgreSQL and the service share the machine's cores: compare the ratios of one
 run, never absolute numbers across runs or machines.
@@ -81,6 +91,7 @@ sys.path.insert(0, str(ROOT))
 
 from orders.auth import mint  # noqa: E402
 from orders.db import orders, outbox  # noqa: E402
+from orders.dev.nats import EmbeddedNats  # noqa: E402
 from orders.dev.process import free_port, listening  # noqa: E402
 from orders.dev.smtp import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
@@ -112,6 +123,8 @@ SERVE_ARGV = [sys.executable, str(BENCH_DIR / "plain_serve.py")] if PLAIN_HTTP e
 ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 SINK = os.environ.get("BENCH_SINK", "postfix")  # "python": the aiosmtpd fallback, for an A/B of the sink
+# BENCH_EVENTS=1: order events on, published to a nats-server the bench starts (its cost priced).
+EVENTS = os.environ.get("BENCH_EVENTS", "") not in ("", "0")
 
 
 def log(*args: Any) -> None:
@@ -244,7 +257,7 @@ def redis_server_pid(url: str) -> int | None:
     return pid if _comm(pid).startswith(("redis", "valkey")) else None
 
 
-CPU_PARTS = ("service", "postgres", "redis", "smtp sink", "load generator")
+CPU_PARTS = ("service", "postgres", "redis", "smtp sink", "nats-server", "load generator")
 
 
 class CpuMeter:
@@ -633,13 +646,18 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
         },
     )
     tx = f"{head}\n{place};\n"
-    # $3: order events off, as the bench's service runs (no ORDERS_NATS_URL).
-    claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease", 3: "false"})
+    # $3: the relay publishes order events, as the bench's service runs (ORDERS_NATS_URL
+    # set with BENCH_EVENTS=1, else not).
+    claim_ids = _sub(outbox.CLAIM_IDS_SQL, {1: ":outbox_ids", 2: ":lease", 3: "true" if EVENTS else "false"})
     # The service marks rows sent in batches (many orders per statement under load);
-    # here, per order, as the unbatched worst case.
+    # here, per order, as the unbatched worst case. The rows are in the order the service
+    # writes them: email, audit, then the event (with events on).
     email_sent = _sub(outbox.EMAIL_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[1]]"})
     audit_sent = _sub(outbox.AUDIT_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[2]]"})
-    full = f"{head}\n{place} \\gset\n{claim_ids};\n{email_sent};\n{audit_sent};\n"
+    delivery = [claim_ids, email_sent, audit_sent]
+    if EVENTS:
+        delivery.append(_sub(outbox.EVENT_SENT_SQL, {1: "ARRAY[(:outbox_ids::bigint[])[3]]"}))
+    full = f"{head}\n{place} \\gset\n" + "".join(f"{sql};\n" for sql in delivery)
     tx_path, full_path = out / "pgbench-order-tx.sql", out / "pgbench-order-tx-outbox.sql"
     tx_path.write_text(tx)
     full_path.write_text(full)
@@ -656,9 +674,11 @@ def pgbench_scripts(out: Path, sample: dict[str, Any]) -> tuple[Path, Path, list
         "totals": f"{{{UNIT_PRICE},{2 * UNIT_PRICE}}}",
         "evt": orjson.dumps({"status": "pending", "total": order["total"], "currency": "USD"}).decode(),
         "delay": "5.0",
-        "kinds": "{email,audit}",
-        "topics": "{order.created,order.created}",
-        "payloads": _pg_array([sample["email_payload"], sample["audit_payload"]]),
+        "kinds": "{email,audit,event}" if EVENTS else "{email,audit}",
+        "topics": "{order.created,order.created,order.created}" if EVENTS else "{order.created,order.created}",
+        "payloads": _pg_array(
+            [sample["email_payload"], sample["audit_payload"], *([sample["event_payload"]] if EVENTS else [])]
+        ),
         "hash": "\\x" + sample["request_hash"].hex(),
         "resp": "\\x" + sample["response_body"].hex(),
         "lease": "60.0",
@@ -803,6 +823,7 @@ async def sample_order(dsn: str) -> dict[str, Any]:
         "response_body": bytes(k["response_body"]),
         "email_payload": payloads["email"],
         "audit_payload": payloads["audit"],
+        "event_payload": payloads.get("event", ""),
     }
 
 
@@ -827,6 +848,36 @@ async def emails_sent(dsn: str) -> int:
         return int(await conn.fetchval("SELECT count(*) FROM outbox WHERE kind = 'email' AND status = 'sent'"))
     finally:
         await conn.close()
+
+
+async def events_outbox(dsn: str) -> tuple[int, int]:
+    """(order events the outbox marked sent, order events still pending)."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE status = 'sent') AS sent,"
+            " count(*) FILTER (WHERE status = 'pending') AS pending FROM outbox WHERE kind = 'event'"
+        )
+        return int(row["sent"]), int(row["pending"])
+    finally:
+        await conn.close()
+
+
+async def stream_messages(url: str, stream: str) -> int:
+    """The messages the JetStream stream holds (0 when the service never created it)."""
+    import nats
+    import nats.js.errors
+
+    async with asyncio.timeout(30):
+        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+        try:
+            try:
+                info = await nc.jetstream(timeout=10).stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                return 0
+            return int(info.state.messages)
+        finally:
+            await nc.close()
 
 
 def drain(dsn: str, timeout: float = 120) -> dict[str, Any]:
@@ -904,6 +955,21 @@ def check_emails(sink: PostfixSink | CountingSink, dsn: str, tag: str) -> dict[s
     return check
 
 
+def check_events(nats_url: str, stream: str, dsn: str, tag: str) -> dict[str, Any]:
+    """After check_emails (the backlog delivered): the stream holds exactly the order events
+    the outbox marked sent (JetStream dedups a re-publish by its Nats-Msg-Id, so more would
+    be a duplicate and fewer a loss), and none is pending."""
+    sent, pending = asyncio.run(events_outbox(dsn))
+    check = {"stream_messages": asyncio.run(stream_messages(nats_url, stream)), "outbox_events_sent": sent}
+    check["pending"] = pending
+    check["ok"] = check["stream_messages"] == sent > 0 and not pending
+    log(
+        f"{tag}: the stream holds {check['stream_messages']} events; the outbox has {sent} events sent, "
+        f"{pending} pending: {'OK' if check['ok'] else 'MISMATCH'}"
+    )
+    return check
+
+
 def main() -> int:
     wrk = ensure_wrk()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -925,6 +991,17 @@ def main() -> int:
     # CPU is read from /proc: the whole PostgreSQL server and Redis server the bench uses
     # (other clients of theirs count too: run it on a quiet machine).
     machine: dict[str, Callable[[], float]] = {"smtp sink": sink.cpu}
+    bus: EmbeddedNats | None = None
+    if EVENTS:
+        # A server of the bench's own (never the machine's 4222): its CPU is the events' alone.
+        bus = EmbeddedNats(out / "tmp")
+        try:
+            bus.start()
+        except BaseException:
+            sink.stop()
+            raise
+        log(f"order events on: nats-server {bus.executable} ({bus.binaries_source}) on {bus.url}")
+        machine["nats-server"] = lambda bus=bus: tree_cpu(bus.pid) if bus.pid else 0.0
     pg_pid, redis_pid = postgres_server_pid(dsn), redis_server_pid(REDIS_URL)
     for name, pid in (("postgres", pg_pid), ("redis", redis_pid)):
         if pid is None:
@@ -941,9 +1018,11 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "loadavg_at_start": os.getloadavg()[0],
             "smtp_sink": sink.label,
+            "events": bus.url if bus is not None else None,
         },
         "runs": {},
         "emails": {},
+        "events": {},
     }
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
@@ -966,6 +1045,8 @@ def main() -> int:
                 "ORDERS_MAX_PENDING_ORDERS_PER_CUSTOMER": "0",
             }
         )
+        if bus is not None:
+            env["ORDERS_NATS_URL"] = bus.url
         subprocess.run([str(BIN / "orders"), "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         asyncio.run(seed_catalog(dsn))
         settings = Settings(_env_file=None, jwt_secret=secret, dev=True)  # type: ignore[call-arg]
@@ -1052,6 +1133,8 @@ def main() -> int:
                     log(f"profile of {what} written: {out}/profile-{what}-{tag}.txt")
             run["rss_end_mib"] = srv.rss_mib()
             results["emails"][tag] = check_emails(sink, dsn, tag)
+            if bus is not None:
+                results["events"][tag] = check_events(bus.url, Settings.model_fields["nats_stream"].default, dsn, tag)
             srv.stop()
             if "getroute" in PHASES:
                 # The A of the fast GET's A/B: the same reads, every one through the route.
@@ -1097,6 +1180,9 @@ def main() -> int:
         for s in servers:
             s.stop()
         sink.stop()
+        if bus is not None:
+            bus.stop()
+            shutil.rmtree(bus.store, ignore_errors=True)  # the events themselves; nats.log stays
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
         cleanup_redis(prefix)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
@@ -1112,6 +1198,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"\n## make bench: {c['connections']} connections, {c['duration_s']} s per run, {c['cpus']} CPUs, "
         f"pool max {c['pool_max_per_worker']}/worker\n\nSMTP sink: {c['smtp_sink']}\n"
+        + (f"Order events: on, published to the bench's nats-server ({c['events']})\n" if c.get("events") else "")
     )
     print(
         "| run                                          |     req/s |  p50 ms  |  p99 ms  |  max ms  | non-2xx | sockerr |"
@@ -1137,13 +1224,15 @@ def print_table(results: dict[str, Any]) -> None:
         print(fmt_row(name, r))
     print(
         "\nCPU milliseconds per request, by process (all on the same cores; for POST, until its emails and"
-        " audit entries were delivered; postgres and redis: every process of their servers; load generator:"
-        " wrk, or pgbench):\n"
+        " audit entries (and order events, with events on) were delivered; postgres and redis: every process"
+        " of their servers; load generator: wrk, or pgbench):\n"
     )
-    print("| run | " + " | ".join(CPU_PARTS) + " | total |\n|---|" + "---:|" * (len(CPU_PARTS) + 1))
+    # The nats-server column only when the bench ran one (BENCH_EVENTS=1).
+    shown = [p for p in CPU_PARTS if p != "nats-server" or any(p in r["cpu_ms_per_request"] for _, r in rows)]
+    print("| run | " + " | ".join(shown) + " | total |\n|---|" + "---:|" * (len(shown) + 1))
     for name, r in rows:
         cpu = r["cpu_ms_per_request"]
-        cells = [f"{cpu[p]:.3f}" if p in cpu else "–" for p in CPU_PARTS]
+        cells = [f"{cpu[p]:.3f}" if p in cpu else "–" for p in shown]
         print(f"| {name} | " + " | ".join(cells) + f" | {sum(cpu.values()):.3f} |")
     print()
     for tag, r in results["runs"].items():
@@ -1177,6 +1266,11 @@ def print_table(results: dict[str, Any]) -> None:
     for tag, e in results["emails"].items():
         print(
             f"{tag}: emails: the sink received {e['sink_received']}, the outbox marked {e['outbox_emails_sent']} sent"
+            f" ({e['pending']} pending): {'OK' if e['ok'] else 'MISMATCH'}"
+        )
+    for tag, e in results.get("events", {}).items():
+        print(
+            f"{tag}: events: the stream holds {e['stream_messages']}, the outbox marked {e['outbox_events_sent']} sent"
             f" ({e['pending']} pending): {'OK' if e['ok'] else 'MISMATCH'}"
         )
     print_loop_lag(rows)
