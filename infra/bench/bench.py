@@ -78,7 +78,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -92,6 +92,7 @@ sys.path.insert(0, str(ROOT))
 from orders.auth import mint  # noqa: E402
 from orders.db import orders, outbox  # noqa: E402
 from orders.dev.nats import EmbeddedNats  # noqa: E402
+from orders.dev.postgres import execute, with_database  # noqa: E402
 from orders.dev.process import free_port, listening  # noqa: E402
 from orders.dev.smtp import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
@@ -150,10 +151,6 @@ def ensure_wrk() -> str:
             return found
     # oha (the other fast generator) is not on PyPI as a tool; no other fallback here.
     sys.exit("bench: wrk is required and could not be installed (apt-get install wrk)")
-
-
-def with_db(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
 def rss_kib(pid: int) -> int:
@@ -752,14 +749,6 @@ def run_pgbench(
 # --------------------------------------------------------------------------- setup
 
 
-async def admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 async def seed_catalog(dsn: str) -> None:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -975,7 +964,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = BENCH_DIR / "results" / stamp
     out.mkdir(parents=True, exist_ok=True)
-    dsn = with_db(ADMIN_DSN, DB_NAME)
+    dsn = with_database(ADMIN_DSN, DB_NAME)
     prefix = f"orders-bench-{secrets.token_hex(4)}:"
     secret = secrets.token_urlsafe(48)
     load1 = os.getloadavg()[0]
@@ -984,8 +973,8 @@ def main() -> int:
     log(
         f"results in {out}; {DURATION}s per run, {CONNECTIONS} connections, workers {WORKERS}, pool max {POOL_MAX}/worker"
     )
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
-    asyncio.run(admin(f'CREATE DATABASE "{DB_NAME}"'))
+    execute(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+    execute(ADMIN_DSN, f'CREATE DATABASE "{DB_NAME}"')
     sink, host, smtp_port = start_sink(out)
     log(f"SMTP sink: {sink.label} on {host}:{smtp_port}")
     # CPU is read from /proc: the whole PostgreSQL server and Redis server the bench uses
@@ -1183,7 +1172,7 @@ def main() -> int:
         if bus is not None:
             bus.stop()
             shutil.rmtree(bus.store, ignore_errors=True)  # the events themselves; nats.log stays
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
+        execute(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
         cleanup_redis(prefix)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     print_table(results)
