@@ -94,6 +94,7 @@ from orders.db import orders, outbox  # noqa: E402
 from orders.dev.nats import EmbeddedNats  # noqa: E402
 from orders.dev.postgres import execute, with_database  # noqa: E402
 from orders.dev.process import free_port, listening  # noqa: E402
+from orders.dev.redis import forget_keys  # noqa: E402
 from orders.dev.smtp import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
 
@@ -880,23 +881,6 @@ def drain(dsn: str, timeout: float = 120) -> dict[str, Any]:
     return {"outbox_backlog": backlog, "drain_s": round(time.monotonic() - start, 2), "undelivered": left}
 
 
-def cleanup_redis(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        batch = []
-        for key in client.scan_iter(match=prefix + "*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                client.unlink(*batch)
-                batch = []
-        if batch:
-            client.unlink(*batch)
-    finally:
-        client.close()
-
-
 def profile(worker: int, seconds: int, out: Path, tag: str) -> subprocess.Popen[bytes]:
     raw = out / f"profile-{tag}.txt"
     return subprocess.Popen(
@@ -1173,7 +1157,7 @@ def main() -> int:
             bus.stop()
             shutil.rmtree(bus.store, ignore_errors=True)  # the events themselves; nats.log stays
         execute(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        cleanup_redis(prefix)
+        forget_keys(REDIS_URL, prefix)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     if PROFILE:

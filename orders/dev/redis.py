@@ -116,3 +116,21 @@ def server_url(root: Path) -> Iterator[str]:
     else:
         with EmbeddedRedis(root) as server:
             yield server.url
+
+
+def forget_keys(url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a run's own, on a Redis shared with others), in batches."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        batch = []
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
