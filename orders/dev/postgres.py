@@ -421,19 +421,16 @@ class EmbeddedPostgres(EmbeddedServer):
         )
 
 
-@contextlib.contextmanager
-def server_dsn(root: Path) -> Iterator[str]:
+def server_dsn(root: Path) -> contextlib.AbstractContextManager[str]:
     """A DSN of a server where the tests (and the e2e run) may create databases:
     $ORDERS_TEST_DATABASE_URL, else the machine's on 127.0.0.1:5432, else an embedded
     one under `root`, stopped afterwards."""
-    dsn = os.environ.get("ORDERS_TEST_DATABASE_URL")
-    if dsn:
-        yield dsn
-    elif process.listening(5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres"
-    else:
-        with EmbeddedPostgres(root) as server:
-            yield server.url
+    return process.given_or_started(
+        "ORDERS_TEST_DATABASE_URL",
+        5432,
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        lambda: EmbeddedPostgres(root),
+    )
 
 
 def with_database(dsn: str, name: str) -> str:
