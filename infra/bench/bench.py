@@ -167,11 +167,10 @@ def rss_kib(pid: int) -> int:
 def children(pid: int) -> list[int]:
     """The worker processes of a uvicorn supervisor (not multiprocessing's resource tracker)."""
     out: list[int] = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+    for child in _kids(pid):
         try:
-            for child in Path(task).read_text().split():
-                if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
-                    out.append(int(child))
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
         except OSError:
             pass
     return out
