@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.error
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
