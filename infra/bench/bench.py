@@ -473,6 +473,10 @@ class Server:
     def rss_mib(self) -> list[float]:
         return [round(rss_kib(p) / 1024, 1) for p in self.worker_pids()]
 
+    def cpu(self) -> float:
+        """CPU seconds of the server's process tree (supervisor and workers) so far."""
+        return tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -1037,7 +1041,7 @@ def main() -> int:
             tag = f"w{workers}"
             srv = Server(f"orders-{tag}", SERVE_ARGV, env, workers, out, "/readyz").start()
             servers.append(srv)
-            parts = {"service": lambda srv=srv: tree_cpu(srv.proc.pid) if srv.proc else 0.0, **machine}
+            parts = {"service": srv.cpu, **machine}
             rss_start = srv.rss_mib()
             if not got:
                 got = asyncio.run(seed_orders(srv.url, tokens, NGET_ORDERS))
@@ -1114,7 +1118,7 @@ def main() -> int:
                     f"orders-{tag}-route", SERVE_ARGV, {**env, "ORDERS_FAST_GET": "false"}, workers, out, "/readyz"
                 ).start()
                 servers.append(slow)
-                slow_parts = {"service": lambda s=slow: tree_cpu(s.proc.pid) if s.proc else 0.0, **machine}
+                slow_parts = {"service": slow.cpu, **machine}
                 run_wrk(wrk, "get_order.lua", slow.url, WARMUP, wrk_env)
                 run["getroute"] = run_wrk(wrk, "get_order.lua", slow.url, DURATION, wrk_env, slow_parts)
                 log(f"{tag}: cached GET through the route (ORDERS_FAST_GET=false) {run['getroute']['rps']:.0f}/s")
@@ -1129,7 +1133,7 @@ def main() -> int:
                     "/bare",
                 ).start()
                 servers.append(bare)
-                bare_parts = {"service": lambda b=bare: tree_cpu(b.proc.pid) if b.proc else 0.0, **machine}
+                bare_parts = {"service": bare.cpu, **machine}
                 if "bare" in PHASES:
                     run_wrk(wrk, "bare.lua", bare.url + "/bare", WARMUP, wrk_env)
                     run["bare"] = run_wrk(wrk, "bare.lua", bare.url + "/bare", DURATION, wrk_env, bare_parts)
