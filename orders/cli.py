@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the HTTP server (uvicorn) with the ORDERS_* settings")
     sub.add_parser("migrate", help="apply pending SQL migrations and exit")
-    dev_parser = sub.add_parser("dev", help="embedded PostgreSQL, Redis and SMTP sink, demo data, port 8000")
+    dev_parser = sub.add_parser("dev", help="embedded PostgreSQL, Redis, NATS and SMTP sink, demo data, port 8000")
     dev_parser.add_argument("--port", type=int, help="the HTTP port (default: ORDERS_PORT, else 8000)")
     outbox_parser = sub.add_parser("outbox", help="list the notification outbox, re-queue failed rows")
     actions = outbox_parser.add_subparsers(dest="action", required=True)

@@ -1,4 +1,4 @@
-"""`make demo`: `orders dev` (what `make run` starts: embedded PostgreSQL, Redis and SMTP sink,
+"""`make demo`: `orders dev` (what `make run` starts: embedded PostgreSQL, Redis, NATS and SMTP sink,
 demo catalog) with CORS for the checkout page, the test payment provider (provider.py) with the
 service's webhook secret, and the built page served by `vite preview` on its own origin. Prints
 the page's address, which carries a demo customer token (?token=), the provider (?provider=) and

@@ -78,7 +78,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -92,7 +92,9 @@ sys.path.insert(0, str(ROOT))
 from orders.auth import mint  # noqa: E402
 from orders.db import orders, outbox  # noqa: E402
 from orders.dev.nats import EmbeddedNats  # noqa: E402
+from orders.dev.postgres import execute, with_database  # noqa: E402
 from orders.dev.process import free_port, listening  # noqa: E402
+from orders.dev.redis import forget_keys  # noqa: E402
 from orders.dev.smtp import SmtpSink  # noqa: E402
 from orders.settings import Settings  # noqa: E402
 
@@ -152,10 +154,6 @@ def ensure_wrk() -> str:
     sys.exit("bench: wrk is required and could not be installed (apt-get install wrk)")
 
 
-def with_db(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
-
-
 def rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -169,11 +167,10 @@ def rss_kib(pid: int) -> int:
 def children(pid: int) -> list[int]:
     """The worker processes of a uvicorn supervisor (not multiprocessing's resource tracker)."""
     out: list[int] = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+    for child in _kids(pid):
         try:
-            for child in Path(task).read_text().split():
-                if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
-                    out.append(int(child))
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
         except OSError:
             pass
     return out
@@ -476,6 +473,10 @@ class Server:
     def rss_mib(self) -> list[float]:
         return [round(rss_kib(p) / 1024, 1) for p in self.worker_pids()]
 
+    def cpu(self) -> float:
+        """CPU seconds of the server's process tree (supervisor and workers) so far."""
+        return tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -752,14 +753,6 @@ def run_pgbench(
 # --------------------------------------------------------------------------- setup
 
 
-async def admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 async def seed_catalog(dsn: str) -> None:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -891,23 +884,6 @@ def drain(dsn: str, timeout: float = 120) -> dict[str, Any]:
     return {"outbox_backlog": backlog, "drain_s": round(time.monotonic() - start, 2), "undelivered": left}
 
 
-def cleanup_redis(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        batch = []
-        for key in client.scan_iter(match=prefix + "*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                client.unlink(*batch)
-                batch = []
-        if batch:
-            client.unlink(*batch)
-    finally:
-        client.close()
-
-
 def profile(worker: int, seconds: int, out: Path, tag: str) -> subprocess.Popen[bytes]:
     raw = out / f"profile-{tag}.txt"
     return subprocess.Popen(
@@ -975,7 +951,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = BENCH_DIR / "results" / stamp
     out.mkdir(parents=True, exist_ok=True)
-    dsn = with_db(ADMIN_DSN, DB_NAME)
+    dsn = with_database(ADMIN_DSN, DB_NAME)
     prefix = f"orders-bench-{secrets.token_hex(4)}:"
     secret = secrets.token_urlsafe(48)
     load1 = os.getloadavg()[0]
@@ -984,8 +960,8 @@ def main() -> int:
     log(
         f"results in {out}; {DURATION}s per run, {CONNECTIONS} connections, workers {WORKERS}, pool max {POOL_MAX}/worker"
     )
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
-    asyncio.run(admin(f'CREATE DATABASE "{DB_NAME}"'))
+    execute(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+    execute(ADMIN_DSN, f'CREATE DATABASE "{DB_NAME}"')
     sink, host, smtp_port = start_sink(out)
     log(f"SMTP sink: {sink.label} on {host}:{smtp_port}")
     # CPU is read from /proc: the whole PostgreSQL server and Redis server the bench uses
@@ -1065,7 +1041,7 @@ def main() -> int:
             tag = f"w{workers}"
             srv = Server(f"orders-{tag}", SERVE_ARGV, env, workers, out, "/readyz").start()
             servers.append(srv)
-            parts = {"service": lambda srv=srv: tree_cpu(srv.proc.pid) if srv.proc else 0.0, **machine}
+            parts = {"service": srv.cpu, **machine}
             rss_start = srv.rss_mib()
             if not got:
                 got = asyncio.run(seed_orders(srv.url, tokens, NGET_ORDERS))
@@ -1142,7 +1118,7 @@ def main() -> int:
                     f"orders-{tag}-route", SERVE_ARGV, {**env, "ORDERS_FAST_GET": "false"}, workers, out, "/readyz"
                 ).start()
                 servers.append(slow)
-                slow_parts = {"service": lambda s=slow: tree_cpu(s.proc.pid) if s.proc else 0.0, **machine}
+                slow_parts = {"service": slow.cpu, **machine}
                 run_wrk(wrk, "get_order.lua", slow.url, WARMUP, wrk_env)
                 run["getroute"] = run_wrk(wrk, "get_order.lua", slow.url, DURATION, wrk_env, slow_parts)
                 log(f"{tag}: cached GET through the route (ORDERS_FAST_GET=false) {run['getroute']['rps']:.0f}/s")
@@ -1157,7 +1133,7 @@ def main() -> int:
                     "/bare",
                 ).start()
                 servers.append(bare)
-                bare_parts = {"service": lambda b=bare: tree_cpu(b.proc.pid) if b.proc else 0.0, **machine}
+                bare_parts = {"service": bare.cpu, **machine}
                 if "bare" in PHASES:
                     run_wrk(wrk, "bare.lua", bare.url + "/bare", WARMUP, wrk_env)
                     run["bare"] = run_wrk(wrk, "bare.lua", bare.url + "/bare", DURATION, wrk_env, bare_parts)
@@ -1183,8 +1159,8 @@ def main() -> int:
         if bus is not None:
             bus.stop()
             shutil.rmtree(bus.store, ignore_errors=True)  # the events themselves; nats.log stays
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
-        cleanup_redis(prefix)
+        execute(ADMIN_DSN, f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        forget_keys(REDIS_URL, prefix)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     if PROFILE:

@@ -3,9 +3,9 @@ the event body and its `Payment-Signature` header. Pure functions, no I/O."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+
+from orders.domain import signature as payment_signature
 
 
 def signing_secret(configured: str | None) -> str | None:
@@ -24,6 +24,6 @@ def event_body(event_id: str, event_type: str, order_id: str, amount: int, curre
 
 
 def signature(secret: str, body: bytes, t: int) -> str:
-    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`."""
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`: the service's own
+    orders.domain.signature, so that the load run signs exactly what the service checks."""
+    return payment_signature.header(secret, t, body)

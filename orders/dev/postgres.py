@@ -421,39 +421,41 @@ class EmbeddedPostgres(EmbeddedServer):
         )
 
 
-@contextlib.contextmanager
-def server_dsn(root: Path) -> Iterator[str]:
+def server_dsn(root: Path) -> contextlib.AbstractContextManager[str]:
     """A DSN of a server where the tests (and the e2e run) may create databases:
     $ORDERS_TEST_DATABASE_URL, else the machine's on 127.0.0.1:5432, else an embedded
     one under `root`, stopped afterwards."""
-    dsn = os.environ.get("ORDERS_TEST_DATABASE_URL")
-    if dsn:
-        yield dsn
-    elif process.listening(5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres"
-    else:
-        with EmbeddedPostgres(root) as server:
-            yield server.url
+    return process.given_or_started(
+        "ORDERS_TEST_DATABASE_URL",
+        5432,
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        lambda: EmbeddedPostgres(root),
+    )
 
 
 def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
-@contextlib.contextmanager
-def fresh_database(admin_dsn: str, prefix: str) -> Iterator[str]:
-    """A new, empty database on the server of `admin_dsn`, dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+def execute(dsn: str, sql: str) -> None:
+    """One statement on a connection of its own (CREATE / DROP DATABASE: outside a transaction)."""
 
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(admin_dsn, timeout=10)
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def fresh_database(admin_dsn: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the server of `admin_dsn`, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    execute(admin_dsn, f'CREATE DATABASE "{name}"')
     try:
         yield with_database(admin_dsn, name)
     finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        execute(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

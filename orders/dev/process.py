@@ -25,7 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -63,6 +63,23 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+@contextlib.contextmanager
+def given_or_started(
+    variable: str, machine_port: int, machine_url: str, embedded: Callable[[], EmbeddedServer]
+) -> Iterator[str]:
+    """The URL of a server for the tests (and the e2e run): $variable, else the machine's
+    (`machine_url`) when something listens on 127.0.0.1:machine_port, else `embedded()`,
+    started here and stopped afterwards."""
+    given = os.environ.get(variable)
+    if given:
+        yield given
+    elif listening(machine_port):
+        yield machine_url
+    else:
+        with embedded() as server:
+            yield server.url
 
 
 class Startable:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 from orders.dev import process
@@ -104,15 +103,27 @@ class EmbeddedRedis(ChildServer):
         return process.wait_for_tcp(port, deadline, lambda: proc.poll() is None, b"PING\r\n", b"+PONG")
 
 
-@contextlib.contextmanager
-def server_url(root: Path) -> Iterator[str]:
+def server_url(root: Path) -> contextlib.AbstractContextManager[str]:
     """The Redis of the tests (and the e2e run): $ORDERS_TEST_REDIS_URL, else the
     machine's on 127.0.0.1:6379 (db 9), else an embedded one under `root`, stopped afterwards."""
-    url = os.environ.get("ORDERS_TEST_REDIS_URL")
-    if url:
-        yield url
-    elif process.listening(6379):
-        yield "redis://127.0.0.1:6379/9"
-    else:
-        with EmbeddedRedis(root) as server:
-            yield server.url
+    return process.given_or_started(
+        "ORDERS_TEST_REDIS_URL", 6379, "redis://127.0.0.1:6379/9", lambda: EmbeddedRedis(root)
+    )
+
+
+def forget_keys(url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a run's own, on a Redis shared with others), in batches."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        batch = []
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()

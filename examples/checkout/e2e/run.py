@@ -22,17 +22,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.error
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-import redis
-
 from orders.auth import mint
 from orders.dev.postgres import fresh_database, server_dsn
 from orders.dev.process import free_port, wait_for_http
-from orders.dev.redis import server_url
+from orders.dev.redis import forget_keys, server_url
 from orders.dev.smtp import SmtpSink
 from orders.settings import Settings
 
@@ -89,12 +86,6 @@ def start(
 
     stack.callback(stop)
     return proc
-
-
-def forget_keys(redis_url: str, prefix: str) -> None:
-    with redis.Redis.from_url(redis_url, socket_timeout=5) as r:
-        for key in r.scan_iter(match=prefix + "*", count=500):
-            r.delete(key)
 
 
 def seed(api: str, admin_token: str) -> None:
