@@ -59,15 +59,25 @@ async def current_principal(request: Request) -> Principal:
     return authenticate(request, serving(request))  # draining answers 503 before a bad token 401
 
 
+def ensure_admin(caller: Principal) -> None:
+    if not caller.is_admin:
+        raise Forbidden("this operation is for staff")
+
+
+async def staff_principal(request: Request) -> Principal:
+    """A caller who must be staff: a dependency, so that 401 and 403 come before any 422 of
+    the parameters (docs/API.md)."""
+    caller = authenticate(request, serving(request))
+    ensure_admin(caller)
+    return caller
+
+
 # Business routes; the probes and /metrics take ProbeResources and keep answering while draining.
 ServingResources = Annotated[Resources, Depends(serving_resources)]
 ProbeResources = Annotated[Resources, Depends(get_resources)]
 CurrentCustomer = Annotated[Principal, Depends(current_principal)]
-
-
-def ensure_admin(caller: Principal) -> None:
-    if not caller.is_admin:
-        raise Forbidden("this operation is for staff")
+# The staff listings (notifications, payment events), which take no body.
+Staff = Annotated[Principal, Depends(staff_principal)]
 
 
 def parse_cursor(decode: Callable[[str], T], cursor: str | None) -> T | None:

@@ -8,12 +8,11 @@ from uuid import UUID
 
 import orjson
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Depends, Query
+from fastapi import APIRouter, BackgroundTasks, Query
 from fastapi.responses import Response
 
 from orders.api.openapi import problems
-from orders.auth import Principal
-from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor
+from orders.deps import ServingResources, Staff, parse_cursor
 from orders.domain.cursor import decode_id_cursor, parse_row_id
 from orders.errors import NotFound
 from orders.schemas import Notification, NotificationPage
@@ -21,15 +20,6 @@ from orders.service import notifications as use_cases
 
 router = APIRouter(prefix="/v1/admin/notifications", tags=["operations"])
 log = structlog.get_logger("orders.admin")
-
-
-async def staff(caller: CurrentCustomer) -> Principal:
-    """A dependency, so that 403 comes before any 422 of the parameters (docs/API.md)."""
-    ensure_admin(caller)
-    return caller
-
-
-Staff = Annotated[Principal, Depends(staff)]
 
 
 def _row_id(notification_id: str) -> int:

@@ -11,10 +11,9 @@ import structlog
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import Response
 
-from orders.api.admin import Staff
 from orders.api.openapi import SIGNATURE_401, SIGNED, json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import ServingResources, parse_cursor
+from orders.deps import ServingResources, Staff, parse_cursor
 from orders.domain import signature
 from orders.domain.cursor import decode_id_cursor
 from orders.errors import InvalidSignature
