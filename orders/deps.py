@@ -80,6 +80,12 @@ CurrentCustomer = Annotated[Principal, Depends(current_principal)]
 Staff = Annotated[Principal, Depends(staff_principal)]
 
 
+def request_id() -> str | None:
+    """The request's X-Request-ID (bound by orders/observability.py), for the outbox rows."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return None if value is None else str(value)
+
+
 def parse_cursor(decode: Callable[[str], T], cursor: str | None) -> T | None:
     """An opaque pagination cursor, decoded; a malformed one is 422 `validation-error`."""
     if not cursor:

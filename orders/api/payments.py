@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from orders.api.openapi import SIGNATURE_401, SIGNED, json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import ServingResources, Staff, parse_cursor
+from orders.deps import ServingResources, Staff, parse_cursor, request_id
 from orders.domain import signature
 from orders.domain.cursor import decode_id_cursor
 from orders.errors import InvalidSignature
@@ -40,9 +40,8 @@ async def payment_event(request: Request, background: BackgroundTasks, res: Serv
         log.warning("payment_signature_invalid")
         raise InvalidSignature()
     event = validate(PaymentEventIn, parse_json(raw))
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
     uow = res.unit_of_work()
-    outcome = await use_cases.handle_event(uow, event, None if request_id is None else str(request_id))
+    outcome = await use_cases.handle_event(uow, event, request_id())
     background.add_task(uow.dispatch)
     return Response(orjson.dumps({"outcome": outcome}), media_type="application/json")
 
