@@ -7,7 +7,7 @@ from typing import Annotated, TypeVar
 from uuid import UUID
 
 import structlog
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from orders.auth import Principal
 from orders.domain.cursor import BadCursor
@@ -78,6 +78,11 @@ ProbeResources = Annotated[Resources, Depends(get_resources)]
 CurrentCustomer = Annotated[Principal, Depends(current_principal)]
 # The staff listings (notifications, payment events), which take no body.
 Staff = Annotated[Principal, Depends(staff_principal)]
+
+
+# The paging parameters of every listing (docs/API.md: `limit` 1 to 100, default 20).
+PageLimit = Annotated[int, Query(ge=1, le=100)]
+PageCursor = Annotated[str | None, Query(max_length=512)]
 
 
 def request_id() -> str | None:

@@ -15,6 +15,8 @@ from orders.api.preconditions import etag, parse_if_match
 from orders.body import parse_json, validate
 from orders.deps import (
     CurrentCustomer,
+    PageCursor,
+    PageLimit,
     ServingResources,
     authenticate,
     ensure_admin,
@@ -95,8 +97,8 @@ async def list_orders(
     caller: CurrentCustomer,
     res: ServingResources,
     status: OrderStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
     customer_id: Annotated[
         str | None, Query(description="staff only (1 to 64 characters); ignored for customers")
     ] = None,

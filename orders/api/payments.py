@@ -4,16 +4,15 @@ events (orders/service/payments.py)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
 import orjson
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import Response
 
 from orders.api.openapi import SIGNATURE_401, SIGNED, json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import ServingResources, Staff, parse_cursor, request_id
+from orders.deps import PageCursor, PageLimit, ServingResources, Staff, parse_cursor, request_id
 from orders.domain import signature
 from orders.domain.cursor import decode_id_cursor
 from orders.errors import InvalidSignature
@@ -56,8 +55,8 @@ async def list_payment_events(
     caller: Staff,
     res: ServingResources,
     outcome: RecordedOutcome | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> Response:
     before = parse_cursor(decode_id_cursor, cursor)
     body = await use_cases.list_events(res.unit_of_work(), outcome=outcome, before_seq=before, limit=limit)
