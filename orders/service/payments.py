@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from orders.documents import rfc3339
+from orders.documents import payment_event_doc
 from orders.domain.cursor import encode_id_cursor, page
 from orders.domain.status import OrderStatus
 from orders.observability import EXPIRED_ORDERS, PAYMENT_EVENTS
@@ -90,18 +90,6 @@ async def _act(uow: UnitOfWork, conn: asyncpg.Connection, event: PaymentEventIn,
         data={"payment_event_id": event.id},
     )
     return "paid"
-
-
-def payment_event_doc(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "order_id": str(row["order_id"]),
-        "type": row["type"],
-        "amount": row["amount"],
-        "currency": row["currency"],
-        "outcome": row["outcome"],
-        "received_at": rfc3339(row["received_at"]),
-    }
 
 
 async def list_events(uow: UnitOfWork, *, outcome: str | None, before_seq: int | None, limit: int) -> dict[str, Any]:
