@@ -65,20 +65,18 @@ async def _act(uow: UnitOfWork, conn: asyncpg.Connection, event: PaymentEventIn,
     payment = {"payment_event_id": event.id, "amount": event.amount, "currency": event.currency}
     if event.type == FAILED:
         # Nothing changes: the customer may pay again while the order is pending.
-        await uow.payments.add_order_event(conn, row["id"], "payment.failed", PROVIDER_ACTOR, payment)
+        await uow.orders.add_event(conn, row["id"], "payment.failed", PROVIDER_ACTOR, payment)
         return "recorded"
     if status is not OrderStatus.PENDING:
         # Cancelled (by the customer, staff or expiry), or paid already by another payment:
         # the money was taken for nothing and must go back.
-        await uow.payments.add_order_event(
+        await uow.orders.add_event(
             conn, row["id"], "payment.refund_required", PROVIDER_ACTOR, {**payment, "status": status.value}
         )
         return "refund_required"
     if event.amount != row["total"] or event.currency != row["currency"]:
         expected = {"expected_amount": row["total"], "expected_currency": row["currency"]}
-        await uow.payments.add_order_event(
-            conn, row["id"], "payment.amount_mismatch", PROVIDER_ACTOR, {**payment, **expected}
-        )
+        await uow.orders.add_event(conn, row["id"], "payment.amount_mismatch", PROVIDER_ACTOR, {**payment, **expected})
         return "amount_mismatch"
     await apply_change(
         uow,
