@@ -7,7 +7,7 @@ from typing import Annotated, TypeVar
 from uuid import UUID
 
 import structlog
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from orders.auth import Principal
 from orders.domain.cursor import BadCursor
@@ -59,15 +59,36 @@ async def current_principal(request: Request) -> Principal:
     return authenticate(request, serving(request))  # draining answers 503 before a bad token 401
 
 
+def ensure_admin(caller: Principal) -> None:
+    if not caller.is_admin:
+        raise Forbidden("this operation is for staff")
+
+
+async def staff_principal(request: Request) -> Principal:
+    """A caller who must be staff: a dependency, so that 401 and 403 come before any 422 of
+    the parameters (docs/API.md)."""
+    caller = authenticate(request, serving(request))
+    ensure_admin(caller)
+    return caller
+
+
 # Business routes; the probes and /metrics take ProbeResources and keep answering while draining.
 ServingResources = Annotated[Resources, Depends(serving_resources)]
 ProbeResources = Annotated[Resources, Depends(get_resources)]
 CurrentCustomer = Annotated[Principal, Depends(current_principal)]
+# The staff listings (notifications, payment events), which take no body.
+Staff = Annotated[Principal, Depends(staff_principal)]
 
 
-def ensure_admin(caller: Principal) -> None:
-    if not caller.is_admin:
-        raise Forbidden("this operation is for staff")
+# The paging parameters of every listing (docs/API.md: `limit` 1 to 100, default 20).
+PageLimit = Annotated[int, Query(ge=1, le=100)]
+PageCursor = Annotated[str | None, Query(max_length=512)]
+
+
+def request_id() -> str | None:
+    """The request's X-Request-ID (bound by orders/observability.py), for the outbox rows."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return None if value is None else str(value)
 
 
 def parse_cursor(decode: Callable[[str], T], cursor: str | None) -> T | None:

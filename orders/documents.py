@@ -46,3 +46,15 @@ def notification_doc(row: asyncpg.Record) -> dict[str, Any]:
     for name in ("created_at", "next_attempt_at", "sent_at"):
         doc[name] = row[name] and rfc3339(row[name])
     return doc
+
+
+def payment_event_doc(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "order_id": str(row["order_id"]),
+        "type": row["type"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "outcome": row["outcome"],
+        "received_at": rfc3339(row["received_at"]),
+    }

@@ -205,7 +205,7 @@ class Notification(BaseModel):
 
     id: int
     order_id: UUID
-    kind: Literal["email", "audit"]
+    kind: Literal["email", "audit", "event"]
     topic: str
     status: Literal["pending", "sent", "failed"]
     attempts: int

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 from uuid import UUID
 
 import orjson
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Depends, Query
+from fastapi import APIRouter, BackgroundTasks
 from fastapi.responses import Response
 
 from orders.api.openapi import problems
-from orders.auth import Principal
-from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor
+from orders.deps import PageCursor, PageLimit, ServingResources, Staff, parse_cursor
 from orders.domain.cursor import decode_id_cursor, parse_row_id
 from orders.errors import NotFound
 from orders.schemas import Notification, NotificationPage
@@ -21,15 +20,6 @@ from orders.service import notifications as use_cases
 
 router = APIRouter(prefix="/v1/admin/notifications", tags=["operations"])
 log = structlog.get_logger("orders.admin")
-
-
-async def staff(caller: CurrentCustomer) -> Principal:
-    """A dependency, so that 403 comes before any 422 of the parameters (docs/API.md)."""
-    ensure_admin(caller)
-    return caller
-
-
-Staff = Annotated[Principal, Depends(staff)]
 
 
 def _row_id(notification_id: str) -> int:
@@ -51,8 +41,8 @@ async def list_notifications(
     res: ServingResources,
     status: Literal["pending", "sent", "failed"] | None = None,
     order_id: UUID | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> Response:
     before = parse_cursor(decode_id_cursor, cursor)
     body = await use_cases.list_notifications(

@@ -7,7 +7,6 @@ import re
 from typing import Annotated, Any
 
 import orjson
-import structlog
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import Response
 
@@ -16,11 +15,14 @@ from orders.api.preconditions import etag, parse_if_match
 from orders.body import parse_json, validate
 from orders.deps import (
     CurrentCustomer,
+    PageCursor,
+    PageLimit,
     ServingResources,
     authenticate,
     ensure_admin,
     parse_cursor,
     parse_order_id,
+    request_id,
     serving,
 )
 from orders.domain.cursor import decode_order_cursor
@@ -38,11 +40,6 @@ IF_MATCH = header("If-Match", 'the order\'s ETag, e.g. "3" (W/"3" and * accepted
 def _order_response(doc: dict[str, Any] | bytes, version: int, status: int = 200, **headers: str) -> Response:
     body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
     return Response(body, status_code=status, media_type="application/json", headers={"ETag": etag(version), **headers})
-
-
-def _request_id() -> str | None:
-    value = structlog.contextvars.get_contextvars().get("request_id")
-    return None if value is None else str(value)
 
 
 @router.post(
@@ -80,7 +77,7 @@ async def create_order(
         key,
         raw,
         req,
-        _request_id(),
+        request_id(),
         max_pending=res.settings.max_pending_orders_per_customer,
     )
     background.add_task(uow.dispatch)
@@ -100,8 +97,8 @@ async def list_orders(
     caller: CurrentCustomer,
     res: ServingResources,
     status: OrderStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
     customer_id: Annotated[
         str | None, Query(description="staff only (1 to 64 characters); ignored for customers")
     ] = None,
@@ -158,7 +155,7 @@ async def cancel_order(
     oid = parse_order_id(order_id)
     uow = res.unit_of_work()
     if_match = parse_if_match(request.headers.get("if-match"))
-    doc = await use_cases.change_status(uow, caller, oid, OrderStatus.CANCELLED, if_match, _request_id())
+    doc = await use_cases.change_status(uow, caller, oid, OrderStatus.CANCELLED, if_match, request_id())
     background.add_task(uow.dispatch)
     return _order_response(doc, doc["version"])
 
@@ -185,6 +182,6 @@ async def change_status(
             raise NotFound("no such order") from None
         raise
     if_match = parse_if_match(request.headers.get("if-match"))
-    doc = await use_cases.change_status(uow, caller, oid, change.status, if_match, _request_id())
+    doc = await use_cases.change_status(uow, caller, oid, change.status, if_match, request_id())
     background.add_task(uow.dispatch)
     return _order_response(doc, doc["version"])

@@ -4,17 +4,15 @@ events (orders/service/payments.py)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
 import orjson
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import Response
 
-from orders.api.admin import Staff
 from orders.api.openapi import SIGNATURE_401, SIGNED, json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import ServingResources, parse_cursor
+from orders.deps import PageCursor, PageLimit, ServingResources, Staff, parse_cursor, request_id
 from orders.domain import signature
 from orders.domain.cursor import decode_id_cursor
 from orders.errors import InvalidSignature
@@ -41,9 +39,8 @@ async def payment_event(request: Request, background: BackgroundTasks, res: Serv
         log.warning("payment_signature_invalid")
         raise InvalidSignature()
     event = validate(PaymentEventIn, parse_json(raw))
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
     uow = res.unit_of_work()
-    outcome = await use_cases.handle_event(uow, event, None if request_id is None else str(request_id))
+    outcome = await use_cases.handle_event(uow, event, request_id())
     background.add_task(uow.dispatch)
     return Response(orjson.dumps({"outcome": outcome}), media_type="application/json")
 
@@ -58,8 +55,8 @@ async def list_payment_events(
     caller: Staff,
     res: ServingResources,
     outcome: RecordedOutcome | None = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> Response:
     before = parse_cursor(decode_id_cursor, cursor)
     body = await use_cases.list_events(res.unit_of_work(), outcome=outcome, before_seq=before, limit=limit)

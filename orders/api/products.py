@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from orders.api.openapi import json_body, problems
 from orders.body import parse_json, validate
-from orders.deps import CurrentCustomer, ServingResources, ensure_admin, parse_cursor
+from orders.deps import CurrentCustomer, PageCursor, PageLimit, ServingResources, ensure_admin, parse_cursor
 from orders.domain.cursor import decode_sku_cursor
 from orders.errors import NotFound
 from orders.schemas import SKU_PATTERN, Product, ProductIn, ProductPage
@@ -31,8 +30,8 @@ def _sku(sku: str) -> str:
 @router.get("", response_model=ProductPage, summary="The catalog, by SKU", responses=problems(422, 503))
 async def list_products(
     res: ServingResources,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> Response:
     after = parse_cursor(decode_sku_cursor, cursor)
     page = await use_cases.list_products(res.unit_of_work(), after, limit)

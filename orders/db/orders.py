@@ -232,6 +232,14 @@ async def change_status(
     return row
 
 
+async def add_event(conn: asyncpg.Connection, order_id: UUID, type: str, actor: str, data: dict[str, Any]) -> None:
+    """A timeline event that changes nothing else of the order (the payment webhook's
+    outcomes that leave it as it is)."""
+    await conn.execute(
+        "INSERT INTO order_events (order_id, type, actor, data) VALUES ($1, $2, $3, $4)", order_id, type, actor, data
+    )
+
+
 async def events(conn: asyncpg.Connection, order_id: UUID) -> asyncpg.Record | None:
     """The owner of the order and its timeline, oldest first (None: no such order)."""
     return await conn.fetchrow(

@@ -1,8 +1,8 @@
-"""Payment events of the provider (migration 0005) and the queries of order expiry."""
+"""Payment events of the provider (migration 0005) and the queries of order expiry.
+Their timeline events go through orders.db.orders.add_event."""
 
 from __future__ import annotations
 
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -36,15 +36,6 @@ async def claim(
 
 async def set_outcome(conn: asyncpg.Connection, event_id: str, outcome: str) -> None:
     await conn.execute("UPDATE payment_events SET outcome = $2 WHERE id = $1", event_id, outcome)
-
-
-async def add_order_event(
-    conn: asyncpg.Connection, order_id: UUID, type: str, actor: str, data: dict[str, Any]
-) -> None:
-    """A timeline event that changes nothing else of the order."""
-    await conn.execute(
-        "INSERT INTO order_events (order_id, type, actor, data) VALUES ($1, $2, $3, $4)", order_id, type, actor, data
-    )
 
 
 async def page(

@@ -36,12 +36,15 @@ class Expiry:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def run_once(self) -> int:
-        """Expire what is overdue now, batch after batch until a batch comes back short."""
+        """Expire what is overdue now, batch after batch until a batch comes back short,
+        or expires nothing: its orders were all held by others (another replica, a payment),
+        and reading the same batch again at once would only skip them again; the next
+        pass retries."""
         total = 0
         while not self._stopping.is_set():
             seen, expired = await expire_overdue(self._unit_of_work(), timeout_s=self.timeout_s, batch=EXPIRY_BATCH)
             total += expired
-            if seen < EXPIRY_BATCH:
+            if seen < EXPIRY_BATCH or not expired:
                 break
         return total
 

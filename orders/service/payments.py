@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from orders.documents import rfc3339
+from orders.documents import payment_event_doc
 from orders.domain.cursor import encode_id_cursor, page
 from orders.domain.status import OrderStatus
 from orders.observability import EXPIRED_ORDERS, PAYMENT_EVENTS
@@ -65,20 +65,18 @@ async def _act(uow: UnitOfWork, conn: asyncpg.Connection, event: PaymentEventIn,
     payment = {"payment_event_id": event.id, "amount": event.amount, "currency": event.currency}
     if event.type == FAILED:
         # Nothing changes: the customer may pay again while the order is pending.
-        await uow.payments.add_order_event(conn, row["id"], "payment.failed", PROVIDER_ACTOR, payment)
+        await uow.orders.add_event(conn, row["id"], "payment.failed", PROVIDER_ACTOR, payment)
         return "recorded"
     if status is not OrderStatus.PENDING:
         # Cancelled (by the customer, staff or expiry), or paid already by another payment:
         # the money was taken for nothing and must go back.
-        await uow.payments.add_order_event(
+        await uow.orders.add_event(
             conn, row["id"], "payment.refund_required", PROVIDER_ACTOR, {**payment, "status": status.value}
         )
         return "refund_required"
     if event.amount != row["total"] or event.currency != row["currency"]:
         expected = {"expected_amount": row["total"], "expected_currency": row["currency"]}
-        await uow.payments.add_order_event(
-            conn, row["id"], "payment.amount_mismatch", PROVIDER_ACTOR, {**payment, **expected}
-        )
+        await uow.orders.add_event(conn, row["id"], "payment.amount_mismatch", PROVIDER_ACTOR, {**payment, **expected})
         return "amount_mismatch"
     await apply_change(
         uow,
@@ -90,18 +88,6 @@ async def _act(uow: UnitOfWork, conn: asyncpg.Connection, event: PaymentEventIn,
         data={"payment_event_id": event.id},
     )
     return "paid"
-
-
-def payment_event_doc(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "order_id": str(row["order_id"]),
-        "type": row["type"],
-        "amount": row["amount"],
-        "currency": row["currency"],
-        "outcome": row["outcome"],
-        "received_at": rfc3339(row["received_at"]),
-    }
 
 
 async def list_events(uow: UnitOfWork, *, outcome: str | None, before_seq: int | None, limit: int) -> dict[str, Any]:

@@ -272,7 +272,7 @@ export interface components {
              * Kind
              * @enum {string}
              */
-            kind: "email" | "audit";
+            kind: "email" | "audit" | "event";
             /** Last Error */
             last_error: string | null;
             /**
