@@ -54,6 +54,7 @@ from orders.observability import (
     NOTIFICATIONS_OLDEST_PENDING,
     NOTIFICATIONS_PENDING,
     NOTIFICATIONS_SENT,
+    OUTBOX_KINDS,
     RELAY_LAG,
 )
 from orders.settings import Settings
@@ -378,7 +379,7 @@ class Relay:
                 NOTIFICATIONS_OLDEST_PENDING.set(stats["oldest_s"])
                 EVENTS_UNPUBLISHED.set(stats["events"])
                 EVENTS_OLDEST_UNPUBLISHED.set(stats["events_oldest_s"])
-                for kind in ("email", "audit", "event"):
+                for kind in OUTBOX_KINDS:
                     NOTIFICATIONS_FAILED_ROWS.labels(kind).set(stats["failed"].get(kind, 0))
                 await self.purge_expired()
             except Exception as exc:
