@@ -14,6 +14,7 @@ import asyncio
 import secrets
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -221,6 +222,33 @@ class RecordingRelay:
 
     def dispatch(self, ids: list[int]) -> None:
         self.dispatched += ids
+
+
+class ScriptedSink(SmtpSink):
+    """Answers RCPT TO of some addresses with a reply, a given number of times (None: for
+    as long as it stays in `replies`); every other address is accepted."""
+
+    def __init__(self, replies: dict[str, tuple[str, int | None]]) -> None:
+        super().__init__()
+        self.replies = replies
+        self.refusals: Counter[str] = Counter()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.replies.get(address)
+        if reply is not None and (reply[1] is None or self.refusals[address] < reply[1]):
+            self.refusals[address] += 1
+            return reply[0]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus text exposition (None when absent)."""
+    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+    for line in text.splitlines():
+        if line.startswith(f"{name}{wanted} "):
+            return float(line.split()[-1])
+    return None
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:

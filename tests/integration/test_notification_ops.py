@@ -7,34 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections import Counter
 from typing import Any
 
 import pytest
 
 from orders.dev.smtp import SmtpSink
 from orders.notify import relay
-from tests.conftest import ADMIN, auth, make_product, place, running_app, wait_for
+from tests.conftest import ADMIN, ScriptedSink, auth, make_product, metric_sample, place, running_app, wait_for
 
 REFUSED = "refused@example.com"
-
-
-class ScriptedSink(SmtpSink):
-    """Answers RCPT TO of some addresses with a reply, a given number of times (None: for
-    as long as it stays in `replies`); every other address is accepted."""
-
-    def __init__(self, replies: dict[str, tuple[str, int | None]]) -> None:
-        super().__init__()
-        self.replies = replies
-        self.refusals: Counter[str] = Counter()
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        reply = self.replies.get(address)
-        if reply is not None and (reply[1] is None or self.refusals[address] < reply[1]):
-            self.refusals[address] += 1
-            return reply[0]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
 
 
 def _count(sink: SmtpSink, order_id: str) -> int:
@@ -234,14 +215,6 @@ async def test_a_retried_row_is_delivered_once_with_two_replicas(make_settings, 
         sink.stop()
 
 
-def _sample(text: str, name: str, **labels: str) -> float | None:
-    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
-    for line in text.splitlines():
-        if line.startswith(f"{name}{wanted} "):
-            return float(line.split()[-1])
-    return None
-
-
 async def test_outbox_gauges_count_failed_rows_by_kind_and_the_oldest_pending(
     make_settings, isolated_db, isolated_pool, monkeypatch: pytest.MonkeyPatch
 ):
@@ -258,20 +231,20 @@ async def test_outbox_gauges_count_failed_rows_by_kind_and_the_oldest_pending(
                 return (await c.get("/metrics")).text
 
             async def failed_rows(n: float) -> bool:
-                return _sample(await metrics(), "orders_notifications_failed_rows", kind="email") == n
+                return metric_sample(await metrics(), "orders_notifications_failed_rows", kind="email") == n
 
             await wait_for(lambda: failed_rows(1))
-            assert _sample(await metrics(), "orders_notifications_failed_rows", kind="audit") == 0
+            assert metric_sample(await metrics(), "orders_notifications_failed_rows", kind="audit") == 0
             async with isolated_pool.acquire() as conn:  # a row pending for an hour (backing off)
                 await conn.execute("UPDATE outbox SET status = 'pending', created_at = now() - interval '1 hour', "
                                    "next_attempt_at = now() + interval '1 hour' WHERE id = $1", row_id)
 
             async def oldest_an_hour() -> bool:
-                return (_sample(await metrics(), "orders_notifications_oldest_pending_seconds") or 0) >= 3600
+                return (metric_sample(await metrics(), "orders_notifications_oldest_pending_seconds") or 0) >= 3600
 
             await wait_for(oldest_an_hour)
-            assert _sample(await metrics(), "orders_notifications_failed_rows", kind="email") == 0
-            assert _sample(await metrics(), "orders_relay_lag_seconds") == 0  # not due: no lag
+            assert metric_sample(await metrics(), "orders_notifications_failed_rows", kind="email") == 0
+            assert metric_sample(await metrics(), "orders_relay_lag_seconds") == 0  # not due: no lag
             assert (await c.get("/readyz")).status_code == 200
     finally:
         sink.stop()
