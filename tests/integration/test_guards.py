@@ -25,7 +25,7 @@ from orders.db.pool import connection
 from orders.dev.process import free_port
 from orders.errors import Unavailable
 from orders.observability import configure_logging, unavailable_log
-from tests.conftest import auth
+from tests.conftest import auth, metric_sample
 from tests.server import ServerProcess
 
 MiB = 1024 * 1024
@@ -88,10 +88,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 def guarded(server: ServerProcess, reason: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(f'orders_http_guarded_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_sample(text, "orders_http_guarded_total", reason=reason) or 0.0
 
 
 def wait_for_line(server: ServerProcess, request_id: str, event: str) -> dict[str, Any]:
