@@ -22,6 +22,9 @@ from typing import Any
 
 import asyncpg
 import httpx
+import nats
+import nats.js.errors
+import orjson
 import pytest
 from asgi_lifespan import LifespanManager
 
@@ -249,6 +252,27 @@ def metric_sample(text: str, name: str, **labels: str) -> float | None:
         if line.startswith(f"{name}{wanted} "):
             return float(line.split()[-1])
     return None
+
+
+async def stream_messages(url: str, stream: str = "ORDERS") -> list[dict[str, Any]]:
+    """Every message of a JetStream stream, in stream order: subject, Nats-Msg-Id, envelope."""
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        js = nc.jetstream(timeout=2)
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
+        out = []
+        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
+            return out
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            out.append({"subject": msg.subject, "msg_id": (msg.headers or {}).get("Nats-Msg-Id"),
+                        "event": orjson.loads(msg.data)})
+        return out
+    finally:
+        await nc.close()
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:

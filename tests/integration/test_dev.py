@@ -14,13 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import nats
-import nats.js.errors
 import orjson
 import pytest
 
 from orders.dev.process import free_port, listening
 from orders.domain import signature
+from tests.conftest import stream_messages
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +55,7 @@ def orders_dev(tmp_path: Path, http_port: int, host: str = "127.0.0.1", **env: s
 
 
 async def _stream_subjects(url: str) -> list[str]:
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
-    try:
-        js = nc.jetstream(timeout=2)
-        try:
-            info = await js.stream_info("ORDERS")
-        except nats.js.errors.NotFoundError:  # made at the first publish
-            return []
-        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
-            return []
-        return [(await js.get_msg("ORDERS", seq)).subject for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-    finally:
-        await nc.close()
+    return [m["subject"] for m in await stream_messages(url)]
 
 
 def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
