@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -273,6 +274,18 @@ async def stream_messages(url: str, stream: str = "ORDERS") -> list[dict[str, An
         return out
     finally:
         await nc.close()
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """wait_for() for synchronous tests: poll `predicate` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(interval)
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:

@@ -19,7 +19,7 @@ import pytest
 
 from orders.dev.process import free_port, listening
 from orders.domain import signature
-from tests.conftest import stream_messages
+from tests.conftest import stream_messages, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +83,8 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
         assert paid.status_code == 200 and paid.json() == {"outcome": "paid"}, paid.text
         assert listening(pg_port) and listening(redis_port) and listening(nats_port)
         # Order events are on in dev: the embedded NATS (JetStream) has the order's.
-        deadline = time.monotonic() + 20
-        while len(subjects := asyncio.run(_stream_subjects(f"nats://127.0.0.1:{nats_port}"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        subjects = wait_until(lambda: len(s := asyncio.run(_stream_subjects(f"nats://127.0.0.1:{nats_port}"))) >= 2 and s,
+                              timeout=20, interval=0.2, what="two order events in the stream")
         assert subjects == ["orders.order.created", "orders.order.paid"]
         # It prints working tokens: loopback only (a wildcard bind would answer on 127.0.0.2 too).
         assert not listening(http_port, "127.0.0.2")
