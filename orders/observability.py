@@ -81,9 +81,11 @@ EVENTS_OLDEST_UNPUBLISHED = Gauge(
     "Age of the oldest order event not yet acknowledged by JetStream",
     multiprocess_mode="livemostrecent",
 )
+# The outbox's kinds of row, the `kind` label of the notification metrics.
+OUTBOX_KINDS = ("email", "audit", "event")
 # From 0 in every process: increase() misses the first failure of a series that appears at 1,
 # and the OrdersNotificationsFailed alert (k8s/monitoring/prometheusrule.yaml) counts each one.
-for _kind in ("email", "audit", "event"):
+for _kind in OUTBOX_KINDS:
     NOTIFICATIONS_SENT.labels(_kind)
     for _final in ("true", "false"):
         NOTIFICATIONS_FAILED.labels(_kind, _final)

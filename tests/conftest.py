@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import tempfile
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any
 
 import asyncpg
 import httpx
+import nats
+import nats.js.errors
+import orjson
 import pytest
 from asgi_lifespan import LifespanManager
 
@@ -221,6 +226,66 @@ class RecordingRelay:
 
     def dispatch(self, ids: list[int]) -> None:
         self.dispatched += ids
+
+
+class ScriptedSink(SmtpSink):
+    """Answers RCPT TO of some addresses with a reply, a given number of times (None: for
+    as long as it stays in `replies`); every other address is accepted."""
+
+    def __init__(self, replies: dict[str, tuple[str, int | None]]) -> None:
+        super().__init__()
+        self.replies = replies
+        self.refusals: Counter[str] = Counter()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.replies.get(address)
+        if reply is not None and (reply[1] is None or self.refusals[address] < reply[1]):
+            self.refusals[address] += 1
+            return reply[0]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus text exposition (None when absent)."""
+    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+    for line in text.splitlines():
+        if line.startswith(f"{name}{wanted} "):
+            return float(line.split()[-1])
+    return None
+
+
+async def stream_messages(url: str, stream: str = "ORDERS") -> list[dict[str, Any]]:
+    """Every message of a JetStream stream, in stream order: subject, Nats-Msg-Id, envelope."""
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        js = nc.jetstream(timeout=2)
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return []
+        out = []
+        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
+            return out
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            out.append({"subject": msg.subject, "msg_id": (msg.headers or {}).get("Nats-Msg-Id"),
+                        "event": orjson.loads(msg.data)})
+        return out
+    finally:
+        await nc.close()
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """wait_for() for synchronous tests: poll `predicate` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(interval)
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:

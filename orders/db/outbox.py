@@ -65,25 +65,23 @@ WITH due AS (
 SELECT * FROM claimed ORDER BY id
 """
 
-# Batched: $1 is every row of a delivery batch that went through.
-EMAIL_SENT_SQL = """
-WITH done AS (
-    UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
-     WHERE id = ANY($1::bigint[]) AND status = 'pending'
- RETURNING order_id, topic, payload
-)
+# Batched: $1 is every row of a delivery batch that went through. The email and audit
+# statements add their side effect to it.
+MARK_SENT = """
+UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
+ WHERE id = ANY($1::bigint[]) AND status = 'pending'
+"""
+
+EMAIL_SENT_SQL = f"""
+WITH done AS ({MARK_SENT} RETURNING order_id, topic, payload)
 INSERT INTO order_events (order_id, type, actor, data)
 SELECT order_id, 'notification.sent', 'system',
        jsonb_build_object('channel', 'email', 'topic', topic, 'message_id', payload->>'message_id')
   FROM done
 """
 
-AUDIT_SENT_SQL = """
-WITH done AS (
-    UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
-     WHERE id = ANY($1::bigint[]) AND status = 'pending'
- RETURNING id, order_id, payload, created_at
-)
+AUDIT_SENT_SQL = f"""
+WITH done AS ({MARK_SENT} RETURNING id, order_id, payload, created_at)
 INSERT INTO audit_log (outbox_id, order_id, actor, action, before, after, request_id, at)
 SELECT id, order_id, payload->>'actor', payload->>'action', payload->'before', payload->'after',
        payload->>'request_id', created_at
@@ -92,10 +90,7 @@ ON CONFLICT (outbox_id) DO NOTHING
 """
 
 # Published order events: nothing else to record (the stream holds them).
-EVENT_SENT_SQL = """
-UPDATE outbox SET status = 'sent', sent_at = now(), claimed_until = NULL, last_error = NULL
- WHERE id = ANY($1::bigint[]) AND status = 'pending'
-"""
+EVENT_SENT_SQL = MARK_SENT
 
 # Batched: one row of ($1 id, $2 error, $3 delay, $4 give up) per failed row.
 RETRY_SQL = """

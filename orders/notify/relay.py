@@ -54,6 +54,7 @@ from orders.observability import (
     NOTIFICATIONS_OLDEST_PENDING,
     NOTIFICATIONS_PENDING,
     NOTIFICATIONS_SENT,
+    OUTBOX_KINDS,
     RELAY_LAG,
 )
 from orders.settings import Settings
@@ -83,6 +84,13 @@ def _span_attributes(row: asyncpg.Record) -> dict[str, Any]:
         "orders.order.id": str(row["order_id"]),
         "orders.outbox.attempt": row["attempts"],
     }
+
+
+def _row_context(row: asyncpg.Record) -> Any:
+    """The row's request and order on the log lines of its delivery."""
+    return structlog.contextvars.bound_contextvars(
+        request_id=row["payload"].get("request_id"), order_id=str(row["order_id"])
+    )
 
 
 class LeaseBudgetSpent(Exception):
@@ -214,14 +222,9 @@ class Relay:
             await self._failed(
                 [(r, res, True) for r, res in zip(rows, results, strict=True) if isinstance(res, BaseException)]
             )
-            if not sent:
+            # Published but not recorded: re-published, and dropped by Nats-Msg-Id.
+            if not sent or not await self._record_sent(sent, "event"):
                 break
-            try:
-                await self._mark_sent([r["id"] for r in sent], "event")
-            except Exception as exc:  # published but not recorded: re-published, and dropped by Nats-Msg-Id
-                log.warning("notify_mark_sent_failed", error=type(exc).__name__, rows=len(sent))
-                break
-            NOTIFICATIONS_SENT.labels("event").inc(len(sent))
             delivered += len(sent)
             if self._stopping.is_set():
                 break
@@ -245,7 +248,7 @@ class Relay:
             p: dict[str, Any] = row["payload"]
             with (
                 tracing.delivery_span("audit", row["trace_context"], _span_attributes(row)),
-                structlog.contextvars.bound_contextvars(request_id=p.get("request_id"), order_id=str(row["order_id"])),
+                _row_context(row),
             ):
                 audit_log.info("audit", action=p["action"], actor=p["actor"], before=p["before"], after=p["after"])
         NOTIFICATIONS_SENT.labels("audit").inc(len(rows))
@@ -279,23 +282,28 @@ class Relay:
         except Exception as exc:  # the session broke or never opened: not the rows' fault
             failed += [(r, exc, True) for r in remaining]
         await self._failed(failed)  # after the session: one statement for all of them
-        if not sent:
-            return 0
-        try:
-            await self._mark_sent([r["id"] for r in sent], "email")
-        except Exception as exc:  # sent but not recorded: the lease ends, it is sent again
-            log.warning("notify_mark_sent_failed", error=type(exc).__name__, rows=len(sent))
+        # Sent but not recorded: the lease ends, it is sent again.
+        if not sent or not await self._record_sent(sent, "email"):
             return 0
         for row in sent:
-            p = row["payload"]
-            with structlog.contextvars.bound_contextvars(request_id=p.get("request_id"), order_id=str(row["order_id"])):
-                log.info("email_sent", topic=row["topic"], message_id=p["message_id"])
-        NOTIFICATIONS_SENT.labels("email").inc(len(sent))
+            with _row_context(row):
+                log.info("email_sent", topic=row["topic"], message_id=row["payload"]["message_id"])
         return len(sent)
 
     async def _mark_sent(self, ids: list[int], kind: str) -> None:
         async with connection(self.pool, self.settings.db_acquire_timeout_s) as conn:
             await outbox.mark_sent(conn, ids, kind)
+
+    async def _record_sent(self, rows: list[asyncpg.Record], kind: str) -> bool:
+        """Delivered rows recorded `sent` and counted; False (and a warning) when the
+        statement failed: their leases end and they are delivered again."""
+        try:
+            await self._mark_sent([r["id"] for r in rows], kind)
+        except Exception as exc:
+            log.warning("notify_mark_sent_failed", error=type(exc).__name__, rows=len(rows))
+            return False
+        NOTIFICATIONS_SENT.labels(kind).inc(len(rows))
+        return True
 
     async def _failed(self, failures: list[tuple[asyncpg.Record, BaseException, bool]]) -> None:
         """Rows that failed, each with its error and whether it was transient: a transient
@@ -312,10 +320,7 @@ class Relay:
             delays.append(delay)
             give_ups.append(give_up)
             NOTIFICATIONS_FAILED.labels(row["kind"], str(give_up).lower()).inc()
-            payload = row["payload"]
-            with structlog.contextvars.bound_contextvars(
-                request_id=payload.get("request_id"), order_id=str(row["order_id"])
-            ):
+            with _row_context(row):
                 (log.error if give_up else log.warning)(
                     "notification_failed",
                     kind=row["kind"],
@@ -378,7 +383,7 @@ class Relay:
                 NOTIFICATIONS_OLDEST_PENDING.set(stats["oldest_s"])
                 EVENTS_UNPUBLISHED.set(stats["events"])
                 EVENTS_OLDEST_UNPUBLISHED.set(stats["events_oldest_s"])
-                for kind in ("email", "audit", "event"):
+                for kind in OUTBOX_KINDS:
                     NOTIFICATIONS_FAILED_ROWS.labels(kind).set(stats["failed"].get(kind, 0))
                 await self.purge_expired()
             except Exception as exc:

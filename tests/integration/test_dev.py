@@ -14,13 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import nats
-import nats.js.errors
 import orjson
 import pytest
 
 from orders.dev.process import free_port, listening
 from orders.domain import signature
+from tests.conftest import stream_messages, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +55,7 @@ def orders_dev(tmp_path: Path, http_port: int, host: str = "127.0.0.1", **env: s
 
 
 async def _stream_subjects(url: str) -> list[str]:
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
-    try:
-        js = nc.jetstream(timeout=2)
-        try:
-            info = await js.stream_info("ORDERS")
-        except nats.js.errors.NotFoundError:  # made at the first publish
-            return []
-        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
-            return []
-        return [(await js.get_msg("ORDERS", seq)).subject for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-    finally:
-        await nc.close()
+    return [m["subject"] for m in await stream_messages(url)]
 
 
 def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path):
@@ -95,9 +83,8 @@ def test_orders_dev_serves_the_demo_catalog_and_ctrl_c_stops_everything(tmp_path
         assert paid.status_code == 200 and paid.json() == {"outcome": "paid"}, paid.text
         assert listening(pg_port) and listening(redis_port) and listening(nats_port)
         # Order events are on in dev: the embedded NATS (JetStream) has the order's.
-        deadline = time.monotonic() + 20
-        while len(subjects := asyncio.run(_stream_subjects(f"nats://127.0.0.1:{nats_port}"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        subjects = wait_until(lambda: len(s := asyncio.run(_stream_subjects(f"nats://127.0.0.1:{nats_port}"))) >= 2 and s,
+                              timeout=20, interval=0.2, what="two order events in the stream")
         assert subjects == ["orders.order.created", "orders.order.paid"]
         # It prints working tokens: loopback only (a wildcard bind would answer on 127.0.0.2 too).
         assert not listening(http_port, "127.0.0.2")

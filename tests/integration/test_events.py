@@ -13,14 +13,11 @@ from typing import Any
 import httpx
 import nats
 import nats.js.errors
-import orjson
 import pytest
 
 from orders.dev.nats import EmbeddedNats
-from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, wait_for
+from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, stream_messages, wait_for
 from tests.server import ServerProcess
-
-STREAM = "ORDERS"
 
 
 @pytest.fixture
@@ -45,27 +42,6 @@ def events_settings(make_settings: Any, isolated_db: str, nats_server: EmbeddedN
         return make_settings(**values)
 
     return make
-
-
-async def stream_messages(url: str) -> list[dict[str, Any]]:
-    """Every message of the stream, in stream order: subject, Nats-Msg-Id, envelope."""
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
-    try:
-        js = nc.jetstream(timeout=2)
-        try:
-            info = await js.stream_info(STREAM)
-        except nats.js.errors.NotFoundError:
-            return []
-        out = []
-        if not info.state.messages:  # an empty stream says first_seq 0, which get_msg refuses
-            return out
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(STREAM, seq)
-            out.append({"subject": msg.subject, "msg_id": (msg.headers or {}).get("Nats-Msg-Id"),
-                        "event": orjson.loads(msg.data)})
-        return out
-    finally:
-        await nc.close()
 
 
 async def published(url: str, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:

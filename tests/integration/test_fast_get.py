@@ -25,7 +25,7 @@ from orders import cache as cache_module
 from orders.cache import Cache, order_key
 from orders.dev.process import free_port
 from orders.service import orders as use_cases
-from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, token
+from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, token, wait_until
 from tests.server import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,12 +254,13 @@ def test_the_access_log_line_is_the_routes(base_env: dict[str, str], tmp_path: P
         first = c.get(f"/v1/orders/{oid}", headers={**auth("cust-fast-log"), "X-Request-ID": "via-route"})
         second = c.get(f"/v1/orders/{oid}", headers={**auth("cust-fast-log"), "X-Request-ID": "via-fast"})
         assert first.status_code == second.status_code == 200 and first.content == second.content
-        lines: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + 10
-        while len(lines) < 2 and time.monotonic() < deadline:
+
+        def both() -> dict[str, dict[str, Any]] | None:
             lines = {line.get("request_id"): line for line in server.logs() if line.get("event") == "request"}
             lines = {k: v for k, v in lines.items() if k in ("via-route", "via-fast")}
-            time.sleep(0.1)
+            return lines if len(lines) == 2 else None
+
+        lines = wait_until(both, what="the access lines of both answers")
     route, fast = lines["via-route"], lines["via-fast"]
     ignored = {"request_id", "duration_ms", "timestamp"}
     assert {k: v for k, v in fast.items() if k not in ignored} == {k: v for k, v in route.items() if k not in ignored}

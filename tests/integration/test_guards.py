@@ -25,7 +25,7 @@ from orders.db.pool import connection
 from orders.dev.process import free_port
 from orders.errors import Unavailable
 from orders.observability import configure_logging, unavailable_log
-from tests.conftest import auth
+from tests.conftest import auth, metric_sample, wait_until
 from tests.server import ServerProcess
 
 MiB = 1024 * 1024
@@ -88,20 +88,14 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 def guarded(server: ServerProcess, reason: str) -> float:
     text = httpx.get(server.url + "/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(f'orders_http_guarded_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_sample(text, "orders_http_guarded_total", reason=reason) or 0.0
 
 
 def wait_for_line(server: ServerProcess, request_id: str, event: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for e in server.logs():
-            if e.get("request_id") == request_id and e.get("event") == event:
-                return e
-        time.sleep(0.05)
-    raise AssertionError(f"no {event} line for {request_id}")
+    return wait_until(
+        lambda: next((e for e in server.logs() if e.get("request_id") == request_id and e.get("event") == event), None),
+        timeout=5, interval=0.05, what=f"a {event} line for {request_id}",
+    )
 
 
 def assert_problem(status: int, headers: dict[str, str], body: bytes, expected: int) -> None:
@@ -306,10 +300,8 @@ def test_sigterm_while_waiting_for_the_database_at_start_up_exits_within_2_s(
     try:
         with pytest.raises(RuntimeError):
             server.start(timeout=1)  # never ready: the database does not answer
-        deadline = time.monotonic() + 30
-        while not any(e.get("event") == "database_not_ready" for e in server.logs()):
-            assert time.monotonic() < deadline, "the server never waited for its database"
-            time.sleep(0.1)
+        wait_until(lambda: any(e.get("event") == "database_not_ready" for e in server.logs()),
+                   timeout=30, what="the server waiting for its database")
         start = time.monotonic()
         server.signal(signal.SIGTERM)
         code = server.wait(timeout=10)

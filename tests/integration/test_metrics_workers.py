@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_until
 from tests.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -72,16 +72,6 @@ def _worker_pids(directory: Path, server: ServerProcess) -> set[int]:
     return {int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("gauge_livesum_*.db")} - {server.proc.pid}
 
 
-def _wait(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not met within {timeout} s")
-
-
 def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -89,10 +79,10 @@ def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, 
     server = ServerProcess(base_env, tmp_path, ORDERS_DATABASE_URL=isolated_db, ORDERS_WORKERS="2", TMPDIR=str(tmp),
                            **SMALL_POOLS)
     with server:
-        (directory,) = _wait(lambda: list(tmp.glob("orders-metrics-*")), what="the metrics directory")
-        _wait(lambda: len(_worker_pids(directory, server)) == 2, what="two workers")
+        (directory,) = wait_until(lambda: list(tmp.glob("orders-metrics-*")), timeout=30, what="the metrics directory")
+        wait_until(lambda: len(_worker_pids(directory, server)) == 2, timeout=30, what="two workers")
         # Each worker samples its own pool (at least one connection each), scraped or not.
-        _wait(lambda: _pool_size_in_files(directory) >= 2, what="both workers' pool gauges")
+        wait_until(lambda: _pool_size_in_files(directory) >= 2, timeout=30, what="both workers' pool gauges")
         before = _healthz_count(_scrape(server.url))
         total = 80
         # A new connection for each request, so that both workers take some.
@@ -106,8 +96,8 @@ def test_every_scrape_counts_the_requests_of_all_workers(base_env, isolated_db, 
         # A worker that dies: its counts stay in the totals, its live gauges leave.
         victim = min(_worker_pids(directory, server))
         os.kill(victim, signal.SIGKILL)
-        _wait(lambda: victim not in _worker_pids(directory, server) and len(_worker_pids(directory, server)) == 2,
-              what="the dead worker forgotten and replaced")
+        wait_until(lambda: victim not in _worker_pids(directory, server) and len(_worker_pids(directory, server)) == 2,
+                   timeout=30, what="the dead worker forgotten and replaced")
         texts = [_scrape(server.url) for _ in range(5)]
         assert all(_healthz_count(t) == before + total for t in texts)
         # One series per gauge (the sum over the live workers, or the latest reading of

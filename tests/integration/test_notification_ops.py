@@ -7,34 +7,23 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from orders.dev.smtp import SmtpSink
 from orders.notify import relay
-from tests.conftest import ADMIN, auth, make_product, place, running_app, wait_for
+from tests.conftest import ADMIN, ScriptedSink, auth, make_product, metric_sample, place, running_app, wait_for
 
 REFUSED = "refused@example.com"
 
 
-class ScriptedSink(SmtpSink):
-    """Answers RCPT TO of some addresses with a reply, a given number of times (None: for
-    as long as it stays in `replies`); every other address is accepted."""
-
-    def __init__(self, replies: dict[str, tuple[str, int | None]]) -> None:
-        super().__init__()
-        self.replies = replies
-        self.refusals: Counter[str] = Counter()
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        reply = self.replies.get(address)
-        if reply is not None and (reply[1] is None or self.refusals[address] < reply[1]):
-            self.refusals[address] += 1
-            return reply[0]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
+@pytest.fixture
+def sink() -> Iterator[ScriptedSink]:
+    """A sink that refuses REFUSED for good (550: final at the first attempt)."""
+    with ScriptedSink({REFUSED: ("550 5.7.1 policy", None)}) as started:
+        yield started
 
 
 def _count(sink: SmtpSink, order_id: str) -> int:
@@ -94,50 +83,45 @@ async def _orders_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_the_cli_lists_and_retries_failed_rows(base_env, make_settings, isolated_db, isolated_pool):
-    sink = ScriptedSink({REFUSED: ("550 5.7.1 policy", None)})
-    sink.start()
+async def test_the_cli_lists_and_retries_failed_rows(base_env, make_settings, isolated_db, isolated_pool, sink):
     env = {**base_env, "ORDERS_DATABASE_URL": isolated_db}
-    try:
-        settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
-        async with running_app(settings) as c:
-            sku = await make_product(c, stock=10)
-            first, first_id = await _failed_order(c, isolated_pool, "cust-cli-1", sku)
-            second, second_id = await _failed_order(c, isolated_pool, "cust-cli-2", sku)
-            good = (await place(c, "cust-cli-3", (sku, 1))).json()["id"]
-            await wait_for(lambda: _status_is(isolated_pool, good, "sent"))
+    settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
+    async with running_app(settings) as c:
+        sku = await make_product(c, stock=10)
+        first, first_id = await _failed_order(c, isolated_pool, "cust-cli-1", sku)
+        second, second_id = await _failed_order(c, isolated_pool, "cust-cli-2", sku)
+        good = (await place(c, "cust-cli-3", (sku, 1))).json()["id"]
+        await wait_for(lambda: _status_is(isolated_pool, good, "sent"))
 
-            code, out, _ = await _orders_cli(env, "list", "--status", "failed")
-            assert code == 0
-            header, *lines = out.splitlines()
-            assert header.split("\t") == ["id", "order_id", "kind", "status", "attempts", "last_error"]
-            fields = [line.split("\t") for line in lines]
-            assert [f[:5] for f in fields] == [[str(second_id), second, "email", "failed", "1"],
-                                               [str(first_id), first, "email", "failed", "1"]]
-            assert all("550" in f[5] for f in fields)
-            code, out, _ = await _orders_cli(env, "list", "--order", good)
-            assert sorted(line.split("\t")[2:4] for line in out.splitlines()[1:]) == [["audit", "sent"], ["email", "sent"]]
-            code, _, err = await _orders_cli(env, "list", "--status", "lost")
-            assert code == 2 and "invalid choice" in err
+        code, out, _ = await _orders_cli(env, "list", "--status", "failed")
+        assert code == 0
+        header, *lines = out.splitlines()
+        assert header.split("\t") == ["id", "order_id", "kind", "status", "attempts", "last_error"]
+        fields = [line.split("\t") for line in lines]
+        assert [f[:5] for f in fields] == [[str(second_id), second, "email", "failed", "1"],
+                                           [str(first_id), first, "email", "failed", "1"]]
+        assert all("550" in f[5] for f in fields)
+        code, out, _ = await _orders_cli(env, "list", "--order", good)
+        assert sorted(line.split("\t")[2:4] for line in out.splitlines()[1:]) == [["audit", "sent"], ["email", "sent"]]
+        code, _, err = await _orders_cli(env, "list", "--status", "lost")
+        assert code == 2 and "invalid choice" in err
 
-            del sink.replies[REFUSED]  # the policy was fixed
-            code, out, err = await _orders_cli(env, "retry", str(first_id))
-            assert (code, out.strip(), err) == (0, f"re-queued 1 row(s): {first_id}", "")
-            await wait_for(lambda: _status_is(isolated_pool, first, "sent"))
-            code, out, err = await _orders_cli(env, "retry", str(first_id), "999999")
-            assert code == 1 and out.strip() == "re-queued 0 row(s)"
-            assert f"{first_id}: not failed (sent)" in err and "999999: no such row" in err
-            code, out, _ = await _orders_cli(env, "retry", "--all-failed")
-            assert (code, out.strip()) == (0, f"re-queued 1 row(s): {second_id}")
-            await wait_for(lambda: _status_is(isolated_pool, second, "sent"))
-            await asyncio.sleep(0.5)  # relay passes: nothing twice
-            assert _count(sink, first) == 1 and _count(sink, second) == 1
-            code, _, err = await _orders_cli(env, "retry")
-            assert code == 2 and "give row ids or --all-failed" in err
-            code, _, err = await _orders_cli(env, "retry", "0", "99999999999999999999")
-            assert code == 2 and "an integer from 1 to" in err
-    finally:
-        sink.stop()
+        del sink.replies[REFUSED]  # the policy was fixed
+        code, out, err = await _orders_cli(env, "retry", str(first_id))
+        assert (code, out.strip(), err) == (0, f"re-queued 1 row(s): {first_id}", "")
+        await wait_for(lambda: _status_is(isolated_pool, first, "sent"))
+        code, out, err = await _orders_cli(env, "retry", str(first_id), "999999")
+        assert code == 1 and out.strip() == "re-queued 0 row(s)"
+        assert f"{first_id}: not failed (sent)" in err and "999999: no such row" in err
+        code, out, _ = await _orders_cli(env, "retry", "--all-failed")
+        assert (code, out.strip()) == (0, f"re-queued 1 row(s): {second_id}")
+        await wait_for(lambda: _status_is(isolated_pool, second, "sent"))
+        await asyncio.sleep(0.5)  # relay passes: nothing twice
+        assert _count(sink, first) == 1 and _count(sink, second) == 1
+        code, _, err = await _orders_cli(env, "retry")
+        assert code == 2 and "give row ids or --all-failed" in err
+        code, _, err = await _orders_cli(env, "retry", "0", "99999999999999999999")
+        assert code == 2 and "an integer from 1 to" in err
 
 
 def _problem(r, status: int, slug: str) -> dict[str, Any]:
@@ -148,130 +132,107 @@ def _problem(r, status: int, slug: str) -> dict[str, Any]:
     return body
 
 
-async def test_staff_list_and_retry_over_http(make_settings, isolated_db, isolated_pool):
-    sink = ScriptedSink({REFUSED: ("550 5.7.1 policy", None)})
-    sink.start()
-    try:
-        settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
-        async with running_app(settings) as c:
-            sku = await make_product(c, stock=10)
-            failed = [await _failed_order(c, isolated_pool, f"cust-http-{i}", sku) for i in range(3)]
-            path = "/v1/admin/notifications"
+async def test_staff_list_and_retry_over_http(make_settings, isolated_db, isolated_pool, sink):
+    settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
+    async with running_app(settings) as c:
+        sku = await make_product(c, stock=10)
+        failed = [await _failed_order(c, isolated_pool, f"cust-http-{i}", sku) for i in range(3)]
+        path = "/v1/admin/notifications"
 
-            # Staff only: 401 without a token, 403 for a customer, before any 422 or 404.
-            assert (await c.get(path)).status_code == 401
-            _problem(await c.get(path, headers=auth("cust-http-0")), 403, "forbidden")
-            _problem(await c.get(path, params={"status": "lost"}, headers=auth("cust-http-0")), 403, "forbidden")
-            _problem(await c.post(f"{path}/{failed[0][1]}/retry", headers=auth("cust-http-0")), 403, "forbidden")
-            assert (await c.post(f"{path}/{failed[0][1]}/retry")).status_code == 401
+        # Staff only: 401 without a token, 403 for a customer, before any 422 or 404.
+        assert (await c.get(path)).status_code == 401
+        _problem(await c.get(path, headers=auth("cust-http-0")), 403, "forbidden")
+        _problem(await c.get(path, params={"status": "lost"}, headers=auth("cust-http-0")), 403, "forbidden")
+        _problem(await c.post(f"{path}/{failed[0][1]}/retry", headers=auth("cust-http-0")), 403, "forbidden")
+        assert (await c.post(f"{path}/{failed[0][1]}/retry")).status_code == 401
 
-            # Bad input: problem+json.
-            for params, field in [({"status": "lost"}, "status"), ({"cursor": "%%%"}, "cursor"),
-                                  ({"order_id": "nope"}, "order_id"), ({"limit": "0"}, "limit")]:
-                body = _problem(await c.get(path, params=params, headers=ADMIN), 422, "validation-error")
-                assert [e["field"].removeprefix("query.") for e in body["errors"]] == [field], body
-            for bad in ("abc", "0", "-1", "99999999999999999999", "424242"):
-                _problem(await c.post(f"{path}/{bad}/retry", headers=ADMIN), 404, "not-found")
+        # Bad input: problem+json.
+        for params, field in [({"status": "lost"}, "status"), ({"cursor": "%%%"}, "cursor"),
+                              ({"order_id": "nope"}, "order_id"), ({"limit": "0"}, "limit")]:
+            body = _problem(await c.get(path, params=params, headers=ADMIN), 422, "validation-error")
+            assert [e["field"].removeprefix("query.") for e in body["errors"]] == [field], body
+        for bad in ("abc", "0", "-1", "99999999999999999999", "424242"):
+            _problem(await c.post(f"{path}/{bad}/retry", headers=ADMIN), 404, "not-found")
 
-            # The failed rows, newest first, a page of 2 then the rest.
-            r = await c.get(path, params={"status": "failed", "limit": 2}, headers=ADMIN)
-            assert r.status_code == 200
-            page = r.json()
-            assert [i["id"] for i in page["items"]] == [failed[2][1], failed[1][1]]
-            row = page["items"][0]
-            assert set(row) == {"id", "order_id", "kind", "topic", "status", "attempts", "last_error",
-                                "created_at", "next_attempt_at", "sent_at"}
-            assert (row["order_id"], row["kind"], row["status"], row["attempts"], row["sent_at"]) == (
-                failed[2][0], "email", "failed", 1, None)
-            assert "550" in row["last_error"]
-            rest = (await c.get(path, params={"status": "failed", "cursor": page["next_cursor"]}, headers=ADMIN)).json()
-            assert [i["id"] for i in rest["items"]] == [failed[0][1]] and rest["next_cursor"] is None
-            mine = (await c.get(path, params={"order_id": failed[0][0]}, headers=ADMIN)).json()["items"]
-            assert sorted((i["kind"], i["status"]) for i in mine) == [("audit", "sent"), ("email", "failed")]
+        # The failed rows, newest first, a page of 2 then the rest.
+        r = await c.get(path, params={"status": "failed", "limit": 2}, headers=ADMIN)
+        assert r.status_code == 200
+        page = r.json()
+        assert [i["id"] for i in page["items"]] == [failed[2][1], failed[1][1]]
+        row = page["items"][0]
+        assert set(row) == {"id", "order_id", "kind", "topic", "status", "attempts", "last_error",
+                            "created_at", "next_attempt_at", "sent_at"}
+        assert (row["order_id"], row["kind"], row["status"], row["attempts"], row["sent_at"]) == (
+            failed[2][0], "email", "failed", 1, None)
+        assert "550" in row["last_error"]
+        rest = (await c.get(path, params={"status": "failed", "cursor": page["next_cursor"]}, headers=ADMIN)).json()
+        assert [i["id"] for i in rest["items"]] == [failed[0][1]] and rest["next_cursor"] is None
+        mine = (await c.get(path, params={"order_id": failed[0][0]}, headers=ADMIN)).json()["items"]
+        assert sorted((i["kind"], i["status"]) for i in mine) == [("audit", "sent"), ("email", "failed")]
 
-            del sink.replies[REFUSED]
-            oid, row_id = failed[0]
-            r = await c.post(f"{path}/{row_id}/retry", headers=ADMIN)
-            assert r.status_code == 200, r.text
-            assert (r.json()["id"], r.json()["status"], r.json()["attempts"]) == (row_id, "pending", 0)
-            await wait_for(lambda: _status_is(isolated_pool, oid, "sent"))
-            # Already sent: nothing to retry, nothing sent again.
-            body = _problem(await c.post(f"{path}/{row_id}/retry", headers=ADMIN), 409, "invalid-transition")
-            assert body["current_status"] == "sent"
-            await asyncio.sleep(0.5)
-            assert _count(sink, oid) == 1
-            # Nor is any other row that is not `failed`.
-            audit_id = next(i["id"] for i in mine if i["kind"] == "audit")
-            assert (await c.post(f"{path}/{audit_id}/retry", headers=ADMIN)).json()["current_status"] == "sent"
-    finally:
-        sink.stop()
+        del sink.replies[REFUSED]
+        oid, row_id = failed[0]
+        r = await c.post(f"{path}/{row_id}/retry", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert (r.json()["id"], r.json()["status"], r.json()["attempts"]) == (row_id, "pending", 0)
+        await wait_for(lambda: _status_is(isolated_pool, oid, "sent"))
+        # Already sent: nothing to retry, nothing sent again.
+        body = _problem(await c.post(f"{path}/{row_id}/retry", headers=ADMIN), 409, "invalid-transition")
+        assert body["current_status"] == "sent"
+        await asyncio.sleep(0.5)
+        assert _count(sink, oid) == 1
+        # Nor is any other row that is not `failed`.
+        audit_id = next(i["id"] for i in mine if i["kind"] == "audit")
+        assert (await c.post(f"{path}/{audit_id}/retry", headers=ADMIN)).json()["current_status"] == "sent"
 
 
-async def test_a_retried_row_is_delivered_once_with_two_replicas(make_settings, isolated_db, isolated_pool):
+async def test_a_retried_row_is_delivered_once_with_two_replicas(make_settings, isolated_db, isolated_pool, sink):
     """Two apps with their relays on one database; every failed row is retried on both at
     once: one of the two retries wins (200), the other answers 409, and each email arrives once."""
-    sink = ScriptedSink({REFUSED: ("550 5.7.1 policy", None)})
-    sink.start()
-    try:
-        settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.05)
-        async with running_app(settings) as a, running_app(settings) as b:
-            sku = await make_product(a, stock=100)
-            failed = await asyncio.gather(*(
-                _failed_order(a if i % 2 else b, isolated_pool, f"cust-two-retry-{i}", sku) for i in range(12)
-            ))
-            del sink.replies[REFUSED]
-            answers = await asyncio.gather(*(
-                app.post(f"/v1/admin/notifications/{row_id}/retry", headers=ADMIN)
-                for _, row_id in failed for app in (a, b)
-            ))
-            statuses = [r.status_code for r in answers]
-            assert [sorted(statuses[i:i + 2]) for i in range(0, len(statuses), 2)] == [[200, 409]] * 12
-            for oid, _ in failed:
-                await wait_for(lambda oid=oid: _status_is(isolated_pool, oid, "sent"), timeout=30)
-            await asyncio.sleep(1)  # both relays keep polling: still nothing twice
-        assert [_count(sink, oid) for oid, _ in failed] == [1] * 12
-    finally:
-        sink.stop()
-
-
-def _sample(text: str, name: str, **labels: str) -> float | None:
-    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
-    for line in text.splitlines():
-        if line.startswith(f"{name}{wanted} "):
-            return float(line.split()[-1])
-    return None
+    settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.05)
+    async with running_app(settings) as a, running_app(settings) as b:
+        sku = await make_product(a, stock=100)
+        failed = await asyncio.gather(*(
+            _failed_order(a if i % 2 else b, isolated_pool, f"cust-two-retry-{i}", sku) for i in range(12)
+        ))
+        del sink.replies[REFUSED]
+        answers = await asyncio.gather(*(
+            app.post(f"/v1/admin/notifications/{row_id}/retry", headers=ADMIN)
+            for _, row_id in failed for app in (a, b)
+        ))
+        statuses = [r.status_code for r in answers]
+        assert [sorted(statuses[i:i + 2]) for i in range(0, len(statuses), 2)] == [[200, 409]] * 12
+        for oid, _ in failed:
+            await wait_for(lambda oid=oid: _status_is(isolated_pool, oid, "sent"), timeout=30)
+        await asyncio.sleep(1)  # both relays keep polling: still nothing twice
+    assert [_count(sink, oid) for oid, _ in failed] == [1] * 12
 
 
 async def test_outbox_gauges_count_failed_rows_by_kind_and_the_oldest_pending(
-    make_settings, isolated_db, isolated_pool, monkeypatch: pytest.MonkeyPatch
+    make_settings, isolated_db, isolated_pool, sink, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(relay, "HOUSEKEEPING_S", 0.2)
-    sink = ScriptedSink({REFUSED: ("550 5.7.1 policy", None)})
-    sink.start()
-    try:
-        settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
-        async with running_app(settings) as c:
-            sku = await make_product(c, stock=10)
-            _, row_id = await _failed_order(c, isolated_pool, "cust-gauge", sku)
+    settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1)
+    async with running_app(settings) as c:
+        sku = await make_product(c, stock=10)
+        _, row_id = await _failed_order(c, isolated_pool, "cust-gauge", sku)
 
-            async def metrics() -> str:
-                return (await c.get("/metrics")).text
+        async def metrics() -> str:
+            return (await c.get("/metrics")).text
 
-            async def failed_rows(n: float) -> bool:
-                return _sample(await metrics(), "orders_notifications_failed_rows", kind="email") == n
+        async def failed_rows(n: float) -> bool:
+            return metric_sample(await metrics(), "orders_notifications_failed_rows", kind="email") == n
 
-            await wait_for(lambda: failed_rows(1))
-            assert _sample(await metrics(), "orders_notifications_failed_rows", kind="audit") == 0
-            async with isolated_pool.acquire() as conn:  # a row pending for an hour (backing off)
-                await conn.execute("UPDATE outbox SET status = 'pending', created_at = now() - interval '1 hour', "
-                                   "next_attempt_at = now() + interval '1 hour' WHERE id = $1", row_id)
+        await wait_for(lambda: failed_rows(1))
+        assert metric_sample(await metrics(), "orders_notifications_failed_rows", kind="audit") == 0
+        async with isolated_pool.acquire() as conn:  # a row pending for an hour (backing off)
+            await conn.execute("UPDATE outbox SET status = 'pending', created_at = now() - interval '1 hour', "
+                               "next_attempt_at = now() + interval '1 hour' WHERE id = $1", row_id)
 
-            async def oldest_an_hour() -> bool:
-                return (_sample(await metrics(), "orders_notifications_oldest_pending_seconds") or 0) >= 3600
+        async def oldest_an_hour() -> bool:
+            return (metric_sample(await metrics(), "orders_notifications_oldest_pending_seconds") or 0) >= 3600
 
-            await wait_for(oldest_an_hour)
-            assert _sample(await metrics(), "orders_notifications_failed_rows", kind="email") == 0
-            assert _sample(await metrics(), "orders_relay_lag_seconds") == 0  # not due: no lag
-            assert (await c.get("/readyz")).status_code == 200
-    finally:
-        sink.stop()
+        await wait_for(oldest_an_hour)
+        assert metric_sample(await metrics(), "orders_notifications_failed_rows", kind="email") == 0
+        assert metric_sample(await metrics(), "orders_relay_lag_seconds") == 0  # not due: no lag
+        assert (await c.get("/readyz")).status_code == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections import Counter
@@ -14,7 +13,18 @@ import pytest
 
 from orders.dev.process import free_port
 from orders.dev.smtp import SmtpSink
-from tests.conftest import ADMIN, auth, make_product, order_body, place, running_app, wait_for
+from tests.conftest import (
+    ADMIN,
+    ScriptedSink,
+    auth,
+    make_product,
+    metric_sample,
+    order_body,
+    place,
+    running_app,
+    wait_for,
+    wait_until,
+)
 from tests.server import ServerProcess
 
 
@@ -147,31 +157,15 @@ async def test_rows_past_the_fast_path_queue_are_delivered_by_the_relay(make_set
         sink.stop()
 
 
-class RefusingSink(SmtpSink):
-    """Answers RCPT TO of some addresses with a fixed reply (550: never; 450: not now)."""
-
-    def __init__(self, replies: dict[str, str]) -> None:
-        super().__init__()
-        self.replies = replies
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address in self.replies:
-            return self.replies[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-
 def _metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample of a Prometheus text exposition (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    match = re.search(rf"^{name}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return metric_sample(text, name, **labels) or 0.0
 
 
 async def test_a_permanent_failure_is_final_at_once_a_transient_one_never(make_settings, isolated_db, isolated_pool):
     """550 to a recipient is final after its first attempt (it used to be retried ten
     times); 450 is retried again and again; a good address in between is delivered all along."""
-    sink = RefusingSink({"refused@example.com": "550 5.1.1 no such user", "busy@example.com": "450 4.2.1 try later"})
+    sink = ScriptedSink({"refused@example.com": ("550 5.1.1 no such user", None), "busy@example.com": ("450 4.2.1 try later", None)})
     sink.start()
     try:
         settings = make_settings(database_url=isolated_db, smtp_port=sink.port, relay_interval_s=0.1,
@@ -249,10 +243,7 @@ def test_an_smtp_outage_past_the_old_give_up_loses_no_email(base_env, isolated_d
             assert [row["status"] for row in rows] == ["pending"] * 6, "an outage made a row final"
             return min(row["attempts"] for row in rows) >= 6
 
-        deadline = time.monotonic() + 60
-        while not tried_past_the_old_give_up():
-            assert time.monotonic() < deadline, "the relay stopped retrying during the outage"
-            time.sleep(0.2)
+        wait_until(tried_past_the_old_give_up, timeout=60, interval=0.2, what="six attempts of every row")
 
         sink.start()
         try:

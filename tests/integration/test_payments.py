@@ -24,7 +24,7 @@ import pytest
 
 from orders.dev.smtp import SmtpSink
 from orders.domain.signature import header
-from tests.conftest import ADMIN, WEBHOOK_SECRET, auth, make_product, place, running_app, wait_for
+from tests.conftest import ADMIN, WEBHOOK_SECRET, auth, make_product, metric_sample, place, running_app, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,8 +75,9 @@ async def recorded(pool: asyncpg.Pool, event_id: str) -> str | None:
 
 
 def metric(text: str, outcome_label: str) -> float:
-    line = f'orders_payment_events_total{{outcome="{outcome_label}"}} '
-    return next(float(x.split(" ")[1]) for x in text.splitlines() if x.startswith(line))
+    value = metric_sample(text, "orders_payment_events_total", outcome=outcome_label)
+    assert value is not None, outcome_label
+    return value
 
 
 def assert_invalid_signature(r: httpx.Response) -> None:

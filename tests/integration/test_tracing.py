@@ -154,23 +154,32 @@ def _server_span(receiver: OtlpReceiver, route: str, after: int = 0) -> dict[str
     return spans[-1] if spans else {}
 
 
+def _product(c: httpx.Client) -> str:
+    """A new product (a server's, over HTTP): its sku."""
+    sku = f"T-{uuid.uuid4().hex[:12]}"
+    r = c.put(f"/v1/products/{sku}", headers=ADMIN, json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 5})
+    assert r.status_code == 201, r.text
+    return sku
+
+
+def _order(c: httpx.Client, customer: str, sku: str) -> str:
+    """An order of one `sku` placed by `customer`: its id."""
+    r = c.post(
+        "/v1/orders",
+        headers={**auth(customer), "Idempotency-Key": uuid.uuid4().hex},
+        json=order_body((sku, 1)),
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
 @pytest.mark.slow
 async def test_an_order_and_its_deliveries_are_one_trace(traced: tuple[ServerProcess, OtlpReceiver]) -> None:
     server, receiver = traced
     with httpx.Client(base_url=server.url, timeout=10) as c:
-        sku = f"T-{uuid.uuid4().hex[:12]}"
-        r = c.put(
-            f"/v1/products/{sku}", headers=ADMIN, json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 5}
-        )
-        assert r.status_code == 201, r.text
+        sku = _product(c)
         start = len(receiver.spans)
-        r = c.post(
-            "/v1/orders",
-            headers={**auth("cust-traced"), "Idempotency-Key": uuid.uuid4().hex},
-            json=order_body((sku, 1)),
-        )
-        assert r.status_code == 201, r.text
-        order_id = r.json()["id"]
+        order_id = _order(c, "cust-traced", sku)
 
     request = await wait_for(lambda: _server_span(receiver, "/v1/orders", start))
     trace_id = request["trace_id"]
@@ -239,20 +248,7 @@ async def test_a_delivery_by_another_replica_joins_the_request_trace(
             ORDERS_SHUTDOWN_GRACE_S="2", OTEL_RESOURCE_ATTRIBUTES="service.instance.id=a", **otel,
         )  # fmt: skip
         with a, httpx.Client(base_url=a.url, timeout=10) as c:
-            sku = f"T-{uuid.uuid4().hex[:12]}"
-            r = c.put(
-                f"/v1/products/{sku}",
-                headers=ADMIN,
-                json={"name": "Mug", "unit_price": 100, "currency": "USD", "stock": 5},
-            )
-            assert r.status_code == 201, r.text
-            r = c.post(
-                "/v1/orders",
-                headers={**auth("cust-replicas"), "Idempotency-Key": uuid.uuid4().hex},
-                json=order_body((sku, 1)),
-            )
-            assert r.status_code == 201, r.text
-            order_id = r.json()["id"]
+            order_id = _order(c, "cust-replicas", _product(c))
             request = await wait_for(lambda: _server_span(receiver, "/v1/orders"))
         assert not [s for s in receiver.trace(request["trace_id"]) if s["name"] == "smtp send" and s["instance"] == "b"]
         b = ServerProcess(

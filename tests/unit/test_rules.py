@@ -117,13 +117,23 @@ def test_currencies_are_the_iso_4217_list():
     assert len(MINOR_UNITS) > 150 and set(MINOR_UNITS.values()) == {0, 2, 3, 4}
 
 
-def test_email_rendering_escapes_html_and_carries_the_message_id():
-    order = {
-        "id": "0b6f4b8e-0000-4000-8000-000000000001", "email": "a@example.com", "status": "pending",
-        "currency": "USD", "subtotal": 2598, "total": 2598,
-        "items": [{"sku": "MUG-1", "name": "<b>Mug</b>", "quantity": 2, "unit_price": 1299, "line_total": 2598}],
-        "shipping_address": {"name": "Ada"},
+def _order(*, status: str = "pending", currency: str = "USD", item: str = "Mug", name: str = "Ada") -> dict:
+    """An order document as email_row() takes it: two of one item, 25.98 in all."""
+    return {
+        "id": "0b6f4b8e-0000-4000-8000-000000000001", "email": "a@example.com", "status": status,
+        "currency": currency, "subtotal": 2598, "total": 2598,
+        "items": [{"sku": "MUG-1", "name": item, "quantity": 2, "unit_price": 1299, "line_total": 2598}],
+        "shipping_address": {"name": name},
     }
+
+
+def _received(payload: dict) -> email.message.EmailMessage:
+    """The rendered email as the receiver parses it."""
+    return email.message_from_bytes(render(payload, "orders@example.com").data, policy=email.policy.default)
+
+
+def test_email_rendering_escapes_html_and_carries_the_message_id():
+    order = _order(item="<b>Mug</b>")
     kind, topic, payload = email_row(order, "created", "req-1")
     assert (kind, topic) == ("email", "order.created")
     out = render(payload, "orders@example.com")
@@ -163,14 +173,8 @@ def test_the_hand_built_email_is_what_the_email_package_writes_and_refuses_heade
     """render() writes the bytes itself (a tenth of the CPU of email.mime): the receiver
     must parse it as the compat32 classes' output, without defects, and no value may add
     a header line of its own."""
-    order = {
-        "id": "0b6f4b8e-0000-4000-8000-000000000001", "email": "a@example.com", "status": "pending",
-        "currency": "EUR", "subtotal": 2598, "total": 2598,
-        "items": [{"sku": "MUG-1", "name": "Tasse \u00e9t\u00e9 \u2615", "quantity": 2, "unit_price": 1299, "line_total": 2598}],
-        "shipping_address": {"name": "Zo\u00eb"},
-    }
-    _, _, payload = email_row(order, "created", None)
-    msg = email.message_from_bytes(render(payload, "orders@example.com").data, policy=email.policy.default)
+    _, _, payload = email_row(_order(currency="EUR", item="Tasse \u00e9t\u00e9 \u2615", name="Zo\u00eb"), "created", None)
+    msg = _received(payload)
     assert msg.get_content_type() == "multipart/alternative" and msg["MIME-Version"] == "1.0"
     parts = list(msg.iter_parts())
     assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
@@ -183,6 +187,17 @@ def test_the_hand_built_email_is_what_the_email_package_writes_and_refuses_heade
         render(payload, "orders@example.com\nBcc: someone@example.net")
     with pytest.raises(ValueError):
         render({**payload, "message_id": "<x@orders>\r\nBcc: someone@example.net"}, "orders@example.com")
+
+
+def test_the_payment_email_says_payment_received_and_the_total():
+    order = _order(status="paid")
+    kind, topic, payload = email_row(order, "paid", None)
+    assert (kind, topic) == ("email", "order.paid")
+    msg = _received(payload)
+    assert msg["Message-ID"] == f"<order-{order['id']}.paid@orders>"
+    assert msg["Subject"] == "Payment received for your order 0b6f4b8e"
+    text = msg.get_body(("plain",)).get_content()
+    assert "received your payment of 25.98 USD" in text and order["id"] in text
 
 
 @pytest.mark.parametrize("value", ["Bücher <orders@example.com>", "orders@example.com\nBcc: x@example.com", "orders"])

@@ -36,6 +36,7 @@ from orders.service import orders as order_cases
 from orders.service import products as product_cases
 from orders.service.unit_of_work import UnitOfWork
 from orders.settings import Settings
+from tests.conftest import RecordingRelay
 
 NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
 ALICE = Principal("alice", is_admin=False)
@@ -198,14 +199,6 @@ class FakeProducts:
         return {**row, "inserted": old is None}
 
 
-class FakeRelay:
-    def __init__(self) -> None:
-        self.dispatched: list[int] = []
-
-    def dispatch(self, ids: list[int]) -> None:
-        self.dispatched += ids
-
-
 class RecordingCache(Cache):
     """The cache with Redis off (reads miss, loads run) that records what is applied."""
 
@@ -245,7 +238,7 @@ class FakeUnitOfWork(UnitOfWork):
 
     def __init__(self) -> None:
         self.cache: RecordingCache
-        super().__init__(None, RecordingCache(), FakeRelay(), 1.0)  # type: ignore[arg-type]
+        super().__init__(None, RecordingCache(), RecordingRelay(), 1.0)  # type: ignore[arg-type]
         self.catalog = FakeCatalog()
         self.idempotency = FakeIdempotency(self.catalog)  # type: ignore[assignment]
         self.orders = FakeOrders(self.catalog, self.idempotency)  # type: ignore[assignment]
